@@ -1,0 +1,33 @@
+"""fpbma: Flat-Posterior-aware Bayesian Model Averaging in JAX.
+
+Posterior families with closed-form KL and Fisher products (:mod:`fpbma.posterior`), and FP-BMA as
+composable optax transforms (:mod:`fpbma.transforms`). See DESIGN §3 for the public API.
+"""
+
+from fpbma.posterior import (
+    DiagGaussian,
+    LowRankGaussian,
+    LowRankNoise,
+    fisher_diagonal,
+    fisher_vp,
+    inverse_fisher_vp,
+    kl_divergence,
+    log_prob,
+    num_parameters,
+    sample,
+    sample_from_noise,
+    sample_noise,
+)
+from fpbma.transforms import (
+    SkipNonFiniteState,
+    adversarial_perturbation,
+    fisher_perturbation,
+    fpbma,
+    negative_elbo,
+    perturb_along_metric,
+    perturb_in_kl_ball,
+    scale_by_inverse_fisher,
+    skip_non_finite,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,496 @@
+"""Posterior families over parameter pytrees, with closed-form KL and exact Fisher products.
+
+Two Gaussian families, each a pytree whose fields are trees shaped like the network's parameters
+(so ``optax.apply_updates(q, updates)`` works on them directly):
+
+* :class:`DiagGaussian` ``(mean, log_std)``:  w = μ + σ ⊙ ε,  σ = exp(log_std).
+* :class:`LowRankGaussian` ``(mean, log_std, cov_factor)``, the SWAG form (Maddox et al., 2019)
+  with K deviation columns D (``cov_factor`` leaves carry a leading axis of size K):
+
+      Σ = ½ (diag(σ²) + D Dᵀ / (K − 1)),    w = μ + (σ ⊙ ε₁ + D ε₂ / √(K − 1)) / √2.
+
+  Σ is never materialised. Writing Σ = A + Uᵀ U with A = diag(σ²/2) and U = D / √(2(K − 1)) (K × P),
+  every quantity uses Woodbury and the matrix-determinant lemma with the K × K capacitance
+  matrix M = I + U A⁻¹ Uᵀ:
+
+      Σ⁻¹ v = A⁻¹ v − A⁻¹ Uᵀ M⁻¹ U A⁻¹ v,      log|Σ| = Σᵢ log aᵢ + log|M|,
+
+  at O(P K²) cost. The K × K contractions are summed leaf by leaf, so no flat P-vector is built.
+
+The Fisher information of q with respect to its own parameters θ (DESIGN §1–2) is
+
+    F_θ = E_{w~q_θ}[∇_θ log q_θ(w) ∇_θ log q_θ(w)ᵀ] = ∇²_Δ KL(q_{θ+Δ} ‖ q_θ) |_{Δ=0}.
+
+Reference: Lim et al., "Flat Posterior Does Matter For Bayesian Model Averaging" (FP-BMA, called
+SA-BMA in earlier versions), arXiv:2406.15664.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional
+
+import distrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+__all__ = [
+    "DiagGaussian",
+    "LowRankGaussian",
+    "LowRankNoise",
+    "sample_noise",
+    "sample",
+    "sample_from_noise",
+    "log_prob",
+    "kl_divergence",
+    "fisher_vp",
+    "inverse_fisher_vp",
+    "fisher_diagonal",
+    "num_parameters",
+]
+
+
+class DiagGaussian(NamedTuple):
+    """Mean-field Gaussian q(w) = Πᵢ N(wᵢ; μᵢ, σᵢ²) over a parameter pytree.
+
+    Attributes:
+      mean: tree of means μ, shaped like the network's parameters.
+      log_std: tree of log σ, same structure and shapes as ``mean``.
+    """
+
+    mean: PyTree
+    log_std: PyTree
+
+    @classmethod
+    def from_point(cls, params: PyTree, std: float) -> "DiagGaussian":
+        """q centred at a point estimate with a constant standard deviation ``std``.
+
+        >>> q = DiagGaussian.from_point({"w": jnp.zeros(3)}, std=0.1)
+        """
+        _check_positive_finite(std, "std")
+        _check_finite_tree(params, "params")
+        log_std = jax.tree.map(lambda x: jnp.full(jnp.shape(x), math.log(std), jnp.result_type(x, jnp.float32)), params)
+        return cls(mean=params, log_std=log_std)
+
+
+class LowRankGaussian(NamedTuple):
+    """SWAG-form Gaussian Σ = ½(diag(σ²) + D Dᵀ/(K − 1)) over a parameter pytree.
+
+    Attributes:
+      mean: tree of means μ.
+      log_std: tree of log σ (the diagonal part), shaped like ``mean``.
+      cov_factor: tree of deviation columns D; each leaf has shape ``(K, *mean_leaf.shape)``, K ≥ 2.
+    """
+
+    mean: PyTree
+    log_std: PyTree
+    cov_factor: PyTree
+
+    @property
+    def rank(self) -> int:
+        """K, the number of deviation columns."""
+        return _rank(self)
+
+    @classmethod
+    def from_point(cls, params: PyTree, std: float, rank: int) -> "LowRankGaussian":
+        """q centred at ``params`` with diagonal std ``std`` and ``rank`` zero deviation columns."""
+        _check_positive_finite(std, "std")
+        _check_finite_tree(params, "params")
+        if int(rank) < 2:
+            raise ValueError(f"rank={rank}: LowRankGaussian needs K >= 2 deviation columns because of "
+                             "the 1/(K-1) factor (as in SWAG); pass rank >= 2 or use DiagGaussian.")
+        log_std = jax.tree.map(lambda x: jnp.full(jnp.shape(x), math.log(std), jnp.result_type(x, jnp.float32)), params)
+        cov_factor = jax.tree.map(lambda x: jnp.zeros((int(rank),) + jnp.shape(x), jnp.result_type(x, jnp.float32)), params)
+        return cls(mean=params, log_std=log_std, cov_factor=cov_factor)
+
+    @classmethod
+    def from_swag_moments(
+        cls,
+        mean: PyTree,
+        sq_mean: PyTree,
+        deviations: PyTree,
+        min_var: float = 1e-30,
+    ) -> "LowRankGaussian":
+        """Builds the SWAG posterior from first/second moments and the last K deviations.
+
+        σ² = max(E[w²] − E[w]², min_var) and D = deviations (leaves shaped ``(K, *param.shape)``,
+        each column a deviation w_t − w̄_t), as in Maddox et al. (2019), "A Simple Baseline for
+        Bayesian Uncertainty in Deep Learning".
+        """
+        _check_same_structure(mean, sq_mean, "mean", "sq_mean")
+        _check_finite_tree(mean, "mean")
+        _check_finite_tree(sq_mean, "sq_mean")
+        _check_finite_tree(deviations, "deviations")
+        _check_positive_finite(min_var, "min_var")
+        var = jax.tree.map(lambda m, s: jnp.maximum(s - m * m, min_var), mean, sq_mean)
+        log_std = jax.tree.map(lambda v: 0.5 * jnp.log(v), var)
+        q = cls(mean=mean, log_std=log_std, cov_factor=deviations)
+        _validate(q)
+        return q
+
+
+class LowRankNoise(NamedTuple):
+    """Standard-normal noise of a LowRankGaussian sample: ε₁ shaped like the parameters, ε₂ ∈ ℝ^K."""
+
+    diag: PyTree
+    rank: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: raised eagerly, before any work. Value checks are skipped for traced arrays.
+
+
+def _leaves(tree):
+    return jax.tree_util.tree_leaves(tree)
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_positive_finite(x, name):
+    if not (np.isfinite(x) and x > 0):
+        raise ValueError(f"{name}={x!r} must be a positive finite number.")
+
+
+def _check_finite_tree(tree, name):
+    for i, leaf in enumerate(_leaves(tree)):
+        if _is_concrete(leaf) and not bool(jnp.all(jnp.isfinite(leaf))):
+            raise ValueError(f"{name} has non-finite values (NaN or inf) in leaf #{i} "
+                             f"(shape {jnp.shape(leaf)}); fix the input before building the posterior.")
+
+
+def _check_same_structure(a, b, name_a, name_b):
+    ta, tb = jax.tree.structure(a), jax.tree.structure(b)
+    if ta != tb:
+        raise ValueError(f"{name_a} and {name_b} have different tree structures:\n  {ta}\nvs\n  {tb}\n"
+                         "They must describe the same parameters.")
+    for i, (x, y) in enumerate(zip(_leaves(a), _leaves(b))):
+        if jnp.shape(x) != jnp.shape(y):
+            raise ValueError(f"{name_a} and {name_b} differ in shape at leaf #{i}: "
+                             f"{jnp.shape(x)} vs {jnp.shape(y)}.")
+
+
+def _rank(q: LowRankGaussian) -> int:
+    leaves = _leaves(q.cov_factor)
+    if not leaves:
+        raise ValueError("LowRankGaussian.cov_factor is empty.")
+    return int(jnp.shape(leaves[0])[0])
+
+
+def _validate(q) -> None:
+    """Static checks (always) and finiteness checks (when values are concrete)."""
+    if isinstance(q, DiagGaussian):
+        _check_same_structure(q.mean, q.log_std, "q.mean", "q.log_std")
+    elif isinstance(q, LowRankGaussian):
+        _check_same_structure(q.mean, q.log_std, "q.mean", "q.log_std")
+        if jax.tree.structure(q.cov_factor) != jax.tree.structure(q.mean):
+            raise ValueError("q.cov_factor must have the same tree structure as q.mean "
+                             "(each leaf with an extra leading axis of size K).")
+        ranks = {jnp.shape(d)[0] if jnp.ndim(d) else None for d in _leaves(q.cov_factor)}
+        for i, (m, d) in enumerate(zip(_leaves(q.mean), _leaves(q.cov_factor))):
+            if jnp.shape(d)[1:] != jnp.shape(m) or jnp.ndim(d) != jnp.ndim(m) + 1:
+                raise ValueError(f"q.cov_factor leaf #{i} has shape {jnp.shape(d)}; expected "
+                                 f"(K, *{jnp.shape(m)}) to match q.mean.")
+        if len(ranks) != 1:
+            raise ValueError(f"q.cov_factor leaves disagree on K: {sorted(ranks)}.")
+        k = ranks.pop()
+        if k < 2:
+            raise ValueError(f"LowRankGaussian has K={k} deviation columns; K >= 2 is required "
+                             "because of the 1/(K-1) factor (SWAG rejects K < 2 too).")
+    else:
+        raise TypeError(f"Expected a DiagGaussian or LowRankGaussian, got {type(q).__name__}.")
+    for name, tree in zip(q._fields, q):
+        _check_finite_tree(tree, f"q.{name}")
+
+
+def _validate_like(q, v, name: str) -> None:
+    """v must be a tree shaped like q (a tangent of θ)."""
+    if type(v) is not type(q):
+        raise TypeError(f"{name} must be a {type(q).__name__} shaped like q (a tangent of its parameters), "
+                        f"got {type(v).__name__}.")
+    _check_same_structure(q, v, "q", name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Leaf-wise helpers for the low-rank algebra (K × P "matrices" are trees with a leading K axis).
+
+
+def _tree_sum(tree) -> jax.Array:
+    return sum(jnp.sum(x) for x in _leaves(tree))
+
+
+def _kk(a, b) -> jax.Array:
+    """Σ_leaves a b ᵀ for trees of (K_a, ...) and (K_b, ...) leaves → (K_a, K_b)."""
+    return sum(jnp.einsum("k...,j...->kj", x, y) for x, y in zip(_leaves(a), _leaves(b)))
+
+
+def _kv(a, v) -> jax.Array:
+    """Σ_leaves a v for a tree of (K, ...) leaves and a tree of (...) leaves → (K,)."""
+    return sum(jnp.einsum("k...,...->k", x, y) for x, y in zip(_leaves(a), _leaves(v)))
+
+
+def _combine(coeffs: jax.Array, a):
+    """coeffsᵀ a: (K,) or (K, J) coefficients times a tree of (K, ...) leaves → (...) or (J, ...)."""
+    spec = "k,k...->..." if coeffs.ndim == 1 else "kj,k...->j..."
+    return jax.tree.map(lambda x: jnp.einsum(spec, coeffs, x), a)
+
+
+class _Woodbury(NamedTuple):
+    """Cached pieces of Σ = A + Uᵀ U:  a = σ²/2,  U,  W = U A⁻¹,  chol(M), M = I + U A⁻¹ Uᵀ."""
+
+    a: PyTree
+    u: PyTree
+    w: PyTree
+    chol: jax.Array
+
+
+def _woodbury(q: LowRankGaussian) -> _Woodbury:
+    k = _rank(q)
+    a = jax.tree.map(lambda s: 0.5 * jnp.exp(2.0 * s), q.log_std)
+    u = jax.tree.map(lambda d: d / math.sqrt(2.0 * (k - 1)), q.cov_factor)
+    w = jax.tree.map(lambda ui, ai: ui / ai, u, a)
+    m = jnp.eye(k, dtype=_dtype(q)) + _kk(u, w)
+    return _Woodbury(a, u, w, jnp.linalg.cholesky(m))
+
+
+def _dtype(q):
+    return jnp.result_type(*_leaves(q.log_std))
+
+
+def _cho_solve(chol, b):
+    return jax.scipy.linalg.cho_solve((chol, True), b)
+
+
+def _sigma_inv_vp(wb: _Woodbury, v):
+    """Σ⁻¹ v by Woodbury: A⁻¹ v − Wᵀ M⁻¹ (W v)."""
+    coeff = _cho_solve(wb.chol, _kv(wb.w, v))
+    correction = _combine(coeff, wb.w)
+    return jax.tree.map(lambda vi, ai, ci: vi / ai - ci, v, wb.a, correction)
+
+
+def _sigma_vp(wb: _Woodbury, v):
+    """Σ v = A v + Uᵀ (U v)."""
+    low_rank = _combine(_kv(wb.u, v), wb.u)
+    return jax.tree.map(lambda vi, ai, li: ai * vi + li, v, wb.a, low_rank)
+
+
+def _log_det(wb: _Woodbury) -> jax.Array:
+    return _tree_sum(jax.tree.map(jnp.log, wb.a)) + 2.0 * jnp.sum(jnp.log(jnp.diag(wb.chol)))
+
+
+def _sigma_inv_diag(wb: _Woodbury):
+    """diag(Σ⁻¹)ᵢ = 1/aᵢ − Σ_jk W_ji (M⁻¹)_jk W_ki, clamped at 0 against float32 round-off."""
+    m_inv_w = _combine(_cho_solve(wb.chol, jnp.eye(wb.chol.shape[0], dtype=wb.chol.dtype)), wb.w)
+    return jax.tree.map(lambda ai, wi, mwi: jnp.maximum(1.0 / ai - jnp.sum(wi * mwi, axis=0), 0.0),
+                        wb.a, wb.w, m_inv_w)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling.
+
+
+def sample_noise(q, key: jax.Array):
+    """Standard-normal noise ε for one sample of q (a tree for DiagGaussian, LowRankNoise otherwise).
+
+    Drawing ε once and reusing it across the clean and perturbed passes of an FP-BMA step makes the two
+    gradients differ only by the perturbation of θ (DESIGN §1).
+    """
+    leaves, treedef = jax.tree.flatten(q.mean)
+    keys = jax.random.split(key, len(leaves) + 1)
+    diag = jax.tree.unflatten(treedef, [jax.random.normal(k, jnp.shape(x), jnp.result_type(x, jnp.float32))
+                                        for k, x in zip(keys[1:], leaves)])
+    if isinstance(q, DiagGaussian):
+        return diag
+    _validate(q)
+    return LowRankNoise(diag=diag, rank=jax.random.normal(keys[0], (_rank(q),), _dtype(q)))
+
+
+def sample_from_noise(q, noise):
+    """Deterministic reparameterised sample w(θ, ε).
+
+    DiagGaussian: w = μ + σ ⊙ ε.  LowRankGaussian: w = μ + (σ ⊙ ε₁ + D ε₂ / √(K − 1)) / √2.
+    """
+    if isinstance(q, DiagGaussian):
+        return jax.tree.map(lambda m, s, e: m + jnp.exp(s) * e, q.mean, q.log_std, noise)
+    if isinstance(q, LowRankGaussian):
+        k = _rank(q)
+        if not isinstance(noise, LowRankNoise):
+            raise TypeError("noise for a LowRankGaussian must be a LowRankNoise(diag, rank); "
+                            "use fpbma.sample_noise(q, key).")
+        low = _combine(noise.rank / math.sqrt(k - 1), q.cov_factor)
+        return jax.tree.map(lambda m, s, e, l: m + (jnp.exp(s) * e + l) / math.sqrt(2.0),
+                            q.mean, q.log_std, noise.diag, low)
+    raise TypeError(f"Expected a DiagGaussian or LowRankGaussian, got {type(q).__name__}.")
+
+
+def sample(q, key: jax.Array, n: Optional[int] = None):
+    """One weight pytree w ~ q, or ``n`` of them stacked on a leading axis.
+
+    >>> w = sample(DiagGaussian.from_point({"w": jnp.zeros(3)}, 0.1), jax.random.PRNGKey(0))
+    """
+    _validate(q)
+    if n is None:
+        return sample_from_noise(q, sample_noise(q, key))
+    if int(n) < 1:
+        raise ValueError(f"n={n} samples requested; n must be >= 1.")
+    return jax.vmap(lambda k: sample_from_noise(q, sample_noise(q, k)))(jax.random.split(key, int(n)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Densities.
+
+
+def num_parameters(tree) -> int:
+    """P, the number of scalar parameters in a tree."""
+    return sum(int(np.prod(jnp.shape(x))) for x in _leaves(tree))
+
+
+def log_prob(q, w) -> jax.Array:
+    """log q(w) for a weight pytree w shaped like ``q.mean``.
+
+    LowRankGaussian: −½ [P log 2π + log|Σ| + rᵀ Σ⁻¹ r], r = w − μ, via Woodbury and the determinant
+    lemma (O(P K²)).
+    """
+    _validate(q)
+    _check_same_structure(q.mean, w, "q.mean", "w")
+    if isinstance(q, DiagGaussian):
+        return _tree_sum(jax.tree.map(lambda m, s, x: distrax.Normal(m, jnp.exp(s)).log_prob(x),
+                                      q.mean, q.log_std, w))
+    wb = _woodbury(q)
+    r = jax.tree.map(jnp.subtract, w, q.mean)
+    quad = _tree_sum(jax.tree.map(jnp.multiply, r, _sigma_inv_vp(wb, r)))
+    p = num_parameters(q.mean)
+    return -0.5 * (p * math.log(2.0 * math.pi) + _log_det(wb) + quad)
+
+
+def kl_divergence(q, p) -> jax.Array:
+    """Closed-form KL(q ‖ p) for two posteriors of the same family over the same parameters.
+
+        KL = ½ [tr(Σ_p⁻¹ Σ_q) + δᵀ Σ_p⁻¹ δ − P + log|Σ_p| − log|Σ_q|],   δ = μ_p − μ_q.
+
+    For LowRankGaussian the trace splits as Σᵢ a_qᵢ/a_pᵢ − tr(M_p⁻¹ W_p A_q W_pᵀ)
+    + tr(U_q Σ_p⁻¹ U_qᵀ), all O(P K²); the per-coordinate part is accumulated as
+    Σᵢ (a_qᵢ/a_pᵢ − 1 − log(a_qᵢ/a_pᵢ)) so that KL(q‖q) is exactly 0 in the diagonal part.
+    """
+    if type(q) is not type(p):
+        raise TypeError(f"kl_divergence needs q and p of the same family, got {type(q).__name__} and "
+                        f"{type(p).__name__}; convert one of them first.")
+    _validate(q)
+    _validate(p)
+    _check_same_structure(q.mean, p.mean, "q.mean", "p.mean")
+    if isinstance(q, DiagGaussian):
+        return _tree_sum(jax.tree.map(
+            lambda mq, sq, mp, sp: distrax.Normal(mq, jnp.exp(sq)).kl_divergence(distrax.Normal(mp, jnp.exp(sp))),
+            q.mean, q.log_std, p.mean, p.log_std))
+    wp, wq = _woodbury(p), _woodbury(q)
+    # Per-coordinate diagonal part: a_q/a_p − 1 − log(a_q/a_p) with log(a_q/a_p) = 2(log σ_q − log σ_p).
+    diag_part = _tree_sum(jax.tree.map(lambda sq, sp: jnp.expm1(2.0 * (sq - sp)) - 2.0 * (sq - sp),
+                                       q.log_std, p.log_std))
+    # −tr(M_p⁻¹ W_p A_q W_pᵀ)
+    g = _kk(wp.w, jax.tree.map(jnp.multiply, wq.a, wp.w))
+    trace_aq = -jnp.trace(_cho_solve(wp.chol, g))
+    # tr(U_q Σ_p⁻¹ U_qᵀ) = Σ U_q²/a_p − tr(M_p⁻¹ H Hᵀ),  H = W_p U_qᵀ
+    h = _kk(wp.w, wq.u)
+    trace_uq = _tree_sum(jax.tree.map(lambda u, a: jnp.sum(u * u, axis=0) / a, wq.u, wp.a)) - jnp.trace(
+        _cho_solve(wp.chol, h @ h.T))
+    delta = jax.tree.map(jnp.subtract, p.mean, q.mean)
+    mahalanobis = _tree_sum(jax.tree.map(jnp.multiply, delta, _sigma_inv_vp(wp, delta)))
+    log_det_capacitance = 2.0 * (jnp.sum(jnp.log(jnp.diag(wp.chol))) - jnp.sum(jnp.log(jnp.diag(wq.chol))))
+    return 0.5 * (diag_part + trace_aq + trace_uq + mahalanobis + log_det_capacitance)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fisher information of q with respect to its own parameters.
+
+
+def fisher_diagonal(q, damping: float = 0.0):
+    """The covariance-block Fisher diagonal (plus ``damping``) as a tree shaped like q.
+
+    The ``mean`` field of the result is the diagonal of Σ⁻¹ (returned for inspection; products with the
+    mean block always use the exact Σ⁻¹, never this diagonal).
+
+    DiagGaussian: F = blockdiag(diag(σ⁻²), 2 I) in (μ, log σ), exactly diagonal.
+
+    LowRankGaussian, with S = Σ⁻¹, c = 1/(K − 1), d_k the k-th deviation column, from
+    F_ab = ½ tr(S ∂_aΣ S ∂_bΣ):
+
+        F[log σᵢ, log σᵢ] = ½ σᵢ⁴ Sᵢᵢ²
+        F[D_kᵢ, D_kᵢ]     = (c²/4) [ (S d_k)ᵢ² + Sᵢᵢ · d_kᵀ S d_k ]
+
+    both O(P K²) by Woodbury. The full covariance block is singular (D ↦ D R, R orthogonal, leaves Σ
+    unchanged), so this library uses its exact diagonal there; mean and covariance parameters are
+    Fisher-orthogonal for a Gaussian.
+    """
+    _validate(q)
+    _check_damping(damping)
+    return _fisher_diagonal(q, damping, None if isinstance(q, DiagGaussian) else _woodbury(q))
+
+
+def _fisher_diagonal(q, damping, wb: Optional[_Woodbury]):
+    if isinstance(q, DiagGaussian):
+        return DiagGaussian(mean=jax.tree.map(lambda s: jnp.exp(-2.0 * s), q.log_std),
+                            log_std=jax.tree.map(lambda s: jnp.full_like(s, 2.0 + damping), q.log_std))
+    k = _rank(q)
+    c = 1.0 / (k - 1)
+    s_diag = _sigma_inv_diag(wb)
+    # ½ σ⁴ Sᵢᵢ² = ½ (σ² Sᵢᵢ)²
+    f_log_std = jax.tree.map(lambda ls, sd: 0.5 * jnp.square(jnp.exp(2.0 * ls) * sd) + damping, q.log_std, s_diag)
+    # S D for all K columns: D/a − Wᵀ M⁻¹ (W Dᵀ)
+    x = _kk(wb.w, q.cov_factor)  # (K, K): X_jk = Σᵢ W_jᵢ D_kᵢ
+    sd_cols = jax.tree.map(lambda d, a, corr: d / a - corr, q.cov_factor, wb.a,
+                           _combine(_cho_solve(wb.chol, x), wb.w))
+    d_s_d = jnp.diagonal(_kk(q.cov_factor, sd_cols))  # (K,): d_kᵀ S d_k
+    f_cov = jax.tree.map(
+        lambda sdc, sd: (c * c / 4.0) * (jnp.square(sdc) + sd[None] * d_s_d.reshape((k,) + (1,) * sd.ndim)) + damping,
+        sd_cols, s_diag)
+    return LowRankGaussian(mean=s_diag, log_std=f_log_std, cov_factor=f_cov)
+
+
+def _check_damping(damping):
+    if _is_concrete(damping) and not np.all(np.asarray(damping) >= 0):
+        raise ValueError(f"damping={damping} must be a number >= 0.")
+
+
+def _fisher_and_woodbury(q, damping):
+    _check_damping(damping)
+    wb = None if isinstance(q, DiagGaussian) else _woodbury(q)
+    return _fisher_diagonal(q, damping, wb), wb
+
+
+def fisher_vp(q, v, damping: float = 0.0):
+    """F_λ v for a tangent v shaped like q.
+
+    F_λ = blockdiag(Σ⁻¹, diag(F_cov) + λ I): the mean block is exact (Σ⁻¹ by Woodbury for the
+    low-rank family), the covariance block is diagonal (exact for DiagGaussian; the exact diagonal
+    of the singular covariance block for LowRankGaussian, see :func:`fisher_diagonal`). ``damping``
+    λ ≥ 0 is added to the covariance block only.
+    """
+    _validate_like(q, v, "v")
+    fd, wb = _fisher_and_woodbury(q, damping)
+    if isinstance(q, DiagGaussian):
+        return DiagGaussian(mean=jax.tree.map(jnp.multiply, fd.mean, v.mean),
+                            log_std=jax.tree.map(jnp.multiply, fd.log_std, v.log_std))
+    return LowRankGaussian(mean=_sigma_inv_vp(wb, v.mean),
+                           log_std=jax.tree.map(jnp.multiply, fd.log_std, v.log_std),
+                           cov_factor=jax.tree.map(jnp.multiply, fd.cov_factor, v.cov_factor))
+
+
+def inverse_fisher_vp(q, v, damping: float = 0.0):
+    """F_λ⁻¹ v, the exact inverse of :func:`fisher_vp` with the same ``damping``.
+
+    Mean block: Σ v_μ (cheap and stable for the low-rank form: A v + Uᵀ(U v)). Covariance block:
+    elementwise division by diag(F_cov) + λ. For the low-rank family a zero deviation column has zero
+    Fisher there, so pass ``damping > 0`` when D may contain zero columns.
+    """
+    _validate_like(q, v, "v")
+    fd, wb = _fisher_and_woodbury(q, damping)
+    if isinstance(q, DiagGaussian):
+        return DiagGaussian(mean=jax.tree.map(lambda s, x: jnp.exp(2.0 * s) * x, q.log_std, v.mean),
+                            log_std=jax.tree.map(jnp.divide, v.log_std, fd.log_std))
+    return LowRankGaussian(mean=_sigma_vp(wb, v.mean),
+                           log_std=jax.tree.map(jnp.divide, v.log_std, fd.log_std),
+                           cov_factor=jax.tree.map(jnp.divide, v.cov_factor, fd.cov_factor))

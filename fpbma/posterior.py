@@ -158,7 +158,8 @@ def _check_positive_finite(x, name):
 
 def _check_finite_tree(tree, name):
     for i, leaf in enumerate(_leaves(tree)):
-        if _is_concrete(leaf) and not bool(jnp.all(jnp.isfinite(leaf))):
+        # NumPy, not jnp: under a jit trace jnp would turn even a closed-over constant into a tracer.
+        if _is_concrete(leaf) and not np.isfinite(np.asarray(leaf)).all():
             raise ValueError(f"{name} has non-finite values (NaN or inf) in leaf #{i} "
                              f"(shape {jnp.shape(leaf)}); fix the input before building the posterior.")
 
@@ -240,11 +241,12 @@ def _combine(coeffs: jax.Array, a):
 
 
 class _Woodbury(NamedTuple):
-    """Cached pieces of Σ = A + Uᵀ U:  a = σ²/2,  U,  W = U A⁻¹,  chol(M), M = I + U A⁻¹ Uᵀ."""
+    """Cached pieces of Σ = A + Uᵀ U:  a = σ²/2,  U,  W = U A⁻¹,  G = U A⁻¹ Uᵀ,  chol(M), M = I + G."""
 
     a: PyTree
     u: PyTree
     w: PyTree
+    gram: jax.Array
     chol: jax.Array
 
 
@@ -253,8 +255,8 @@ def _woodbury(q: LowRankGaussian) -> _Woodbury:
     a = jax.tree.map(lambda s: 0.5 * jnp.exp(2.0 * s), q.log_std)
     u = jax.tree.map(lambda d: d / math.sqrt(2.0 * (k - 1)), q.cov_factor)
     w = jax.tree.map(lambda ui, ai: ui / ai, u, a)
-    m = jnp.eye(k, dtype=_dtype(q)) + _kk(u, w)
-    return _Woodbury(a, u, w, jnp.linalg.cholesky(m))
+    gram = _kk(u, w)
+    return _Woodbury(a, u, w, gram, jnp.linalg.cholesky(jnp.eye(k, dtype=_dtype(q)) + gram))
 
 
 def _dtype(q):
@@ -282,11 +284,15 @@ def _log_det(wb: _Woodbury) -> jax.Array:
     return _tree_sum(jax.tree.map(jnp.log, wb.a)) + 2.0 * jnp.sum(jnp.log(jnp.diag(wb.chol)))
 
 
-def _sigma_inv_diag(wb: _Woodbury):
-    """diag(Σ⁻¹)ᵢ = 1/aᵢ − Σ_jk W_ji (M⁻¹)_jk W_ki, clamped at 0 against float32 round-off."""
-    m_inv_w = _combine(_cho_solve(wb.chol, jnp.eye(wb.chol.shape[0], dtype=wb.chol.dtype)), wb.w)
-    return jax.tree.map(lambda ai, wi, mwi: jnp.maximum(1.0 / ai - jnp.sum(wi * mwi, axis=0), 0.0),
-                        wb.a, wb.w, m_inv_w)
+def _sigma_inv_low_rank(wb: _Woodbury):
+    """Σ⁻¹ Uᵀ = A⁻¹ Uᵀ M⁻¹ (row j: Σₖ (M⁻¹)ₖⱼ wₖ), exact and free of cancellation."""
+    return _combine(_cho_solve(wb.chol, jnp.eye(wb.chol.shape[0], dtype=wb.chol.dtype)), wb.w)
+
+
+def _sigma_inv_diag(wb: _Woodbury, sigma_inv_u):
+    """diag(Σ⁻¹)ᵢ = 1/aᵢ − Σ_j W_ji (Σ⁻¹Uᵀ)_ji, clamped at 0 against float32 round-off."""
+    return jax.tree.map(lambda ai, wi, si: jnp.maximum(1.0 / ai - jnp.sum(wi * si, axis=0), 0.0),
+                        wb.a, wb.w, sigma_inv_u)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,7 +380,8 @@ def kl_divergence(q, p) -> jax.Array:
 
     For LowRankGaussian the trace splits as Σᵢ a_qᵢ/a_pᵢ − tr(M_p⁻¹ W_p A_q W_pᵀ)
     + tr(U_q Σ_p⁻¹ U_qᵀ), all O(P K²); the per-coordinate part is accumulated as
-    Σᵢ (a_qᵢ/a_pᵢ − 1 − log(a_qᵢ/a_pᵢ)) so that KL(q‖q) is exactly 0 in the diagonal part.
+    Σᵢ (a_qᵢ/a_pᵢ − 1 − log(a_qᵢ/a_pᵢ)) so that KL(q‖q) is exactly 0 in the diagonal part, and the
+    result is clamped at 0 against round-off.
     """
     if type(q) is not type(p):
         raise TypeError(f"kl_divergence needs q and p of the same family, got {type(q).__name__} and "
@@ -400,7 +407,10 @@ def kl_divergence(q, p) -> jax.Array:
     delta = jax.tree.map(jnp.subtract, p.mean, q.mean)
     mahalanobis = _tree_sum(jax.tree.map(jnp.multiply, delta, _sigma_inv_vp(wp, delta)))
     log_det_capacitance = 2.0 * (jnp.sum(jnp.log(jnp.diag(wp.chol))) - jnp.sum(jnp.log(jnp.diag(wq.chol))))
-    return 0.5 * (diag_part + trace_aq + trace_uq + mahalanobis + log_det_capacitance)
+    kl = 0.5 * (diag_part + trace_aq + trace_uq + mahalanobis + log_det_capacitance)
+    # KL ≥ 0, but round-off can leave −1e−15 near q = p. Clamp the value only: derivatives stay those of
+    # the closed form, so its Hessian at q = p is still the Fisher.
+    return kl + jax.lax.stop_gradient(jnp.maximum(kl, 0.0) - kl)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,14 +446,15 @@ def _fisher_diagonal(q, damping, wb: Optional[_Woodbury]):
                             log_std=jax.tree.map(lambda s: jnp.full_like(s, 2.0 + damping), q.log_std))
     k = _rank(q)
     c = 1.0 / (k - 1)
-    s_diag = _sigma_inv_diag(wb)
+    sigma_inv_u = _sigma_inv_low_rank(wb)
+    s_diag = _sigma_inv_diag(wb, sigma_inv_u)
     # ½ σ⁴ Sᵢᵢ² = ½ (σ² Sᵢᵢ)²
     f_log_std = jax.tree.map(lambda ls, sd: 0.5 * jnp.square(jnp.exp(2.0 * ls) * sd) + damping, q.log_std, s_diag)
-    # S D for all K columns: D/a − Wᵀ M⁻¹ (W Dᵀ)
-    x = _kk(wb.w, q.cov_factor)  # (K, K): X_jk = Σᵢ W_jᵢ D_kᵢ
-    sd_cols = jax.tree.map(lambda d, a, corr: d / a - corr, q.cov_factor, wb.a,
-                           _combine(_cho_solve(wb.chol, x), wb.w))
-    d_s_d = jnp.diagonal(_kk(q.cov_factor, sd_cols))  # (K,): d_kᵀ S d_k
+    # D = √(2(K−1)) U, so S d_k = √(2(K−1)) (Σ⁻¹Uᵀ)_k and d_kᵀ S d_k = 2(K−1) (G M⁻¹)_kk: both avoid the
+    # cancellation of the generic Woodbury product (d_k lies in the low-rank span, the worst case for it).
+    scale = math.sqrt(2.0 * (k - 1))
+    sd_cols = jax.tree.map(lambda x: scale * x, sigma_inv_u)
+    d_s_d = 2.0 * (k - 1) * jnp.diagonal(_cho_solve(wb.chol, wb.gram))  # (G M⁻¹)_kk = (M⁻¹ G)_kk, G and M commute
     f_cov = jax.tree.map(
         lambda sdc, sd: (c * c / 4.0) * (jnp.square(sdc) + sd[None] * d_s_d.reshape((k,) + (1,) * sd.ndim)) + damping,
         sd_cols, s_diag)

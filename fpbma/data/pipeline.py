@@ -5,7 +5,8 @@ batches are dropped, images get a random crop after zero padding and, where the 
 random horizontal flip. Evaluation (``train=False``): sources are read in order, the last batch is padded
 with copies of the first example and ``mask`` marks real examples, so every example is seen exactly once.
 
-Every batch is ``{"image": float32 (..., H, W, C), "label": int32, "mask": bool}``. With ``layout="stack"``
+Every batch is ``{"image": float32 (..., H, W, C), "label": int32, "mask": bool, "index": int32}`` where
+``index`` is each example's position in the source (padding repeats a real position, masked out). With ``layout="stack"``
 arrays get a leading device axis ``(num_devices, batch_size // num_devices, ...)`` (for ``jax.pmap`` /
 ``shard_map``); with ``layout="sharded"`` they are global ``jax.Array`` s split along the batch over a
 1-D mesh ``("data",)``; with ``layout="flat"`` they stay ``(batch_size, ...)`` NumPy arrays.
@@ -81,7 +82,7 @@ def batches(source, batch_size: int, *, train: bool, seed: int = 0, num_epochs: 
       augment: apply crop/flip; default ``train``.
 
     Yields:
-      ``{"image": float32, "label": int32, "mask": bool}`` batches.
+      ``{"image": float32, "label": int32, "mask": bool, "index": int32}`` batches.
 
     Raises:
       ValueError: in training when ``batch_size`` is not divisible by the number of devices (evaluation
@@ -146,7 +147,8 @@ def batches(source, batch_size: int, *, train: bool, seed: int = 0, num_epochs: 
         image = (image / 255.0 - mean) / std
         batch = {"image": image.astype(np.float32),
                  "label": np.asarray([ex["label"] for ex in examples], np.int32),
-                 "mask": real}
+                 "mask": real,
+                 "index": np.asarray(positions, np.int32)}
         if layout == "stack":
             return {k: v.reshape((n_dev, v.shape[0] // n_dev) + v.shape[1:]) for k, v in batch.items()}
         if layout == "sharded":

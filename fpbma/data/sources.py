@@ -290,16 +290,20 @@ class Source(Sequence):
         records = self._ds.__getitems__(storage)
         return [self._convert(p, r) for p, r in zip(positions, records)]
 
-    def feature_values(self, key: str) -> list:
-        """Values of a non-image feature (``file_name``, ``id``…) for every example, in order."""
-        ds = self._label_ds if self._label_ds is not None else self._ds
-        storage = range(len(ds)) if self._indices is None else self._indices.tolist()
-        out = []
-        chunk = 4096
-        storage = list(storage)
-        for start in range(0, len(storage), chunk):
-            out.extend(r[key] for r in ds.__getitems__(storage[start:start + chunk]))
+    def columns(self, *keys: str) -> dict[str, list]:
+        """Stored features ``keys`` of every example, in order, read in one pass (chunks of 4,096)."""
+        ds = self._ds if "image" in keys or self._label_ds is None else self._label_ds
+        storage = list(range(len(ds))) if self._indices is None else self._indices.tolist()
+        out: dict[str, list] = {k: [] for k in keys}
+        for start in range(0, len(storage), 4096):
+            for record in ds.__getitems__(storage[start:start + 4096]):
+                for k in keys:
+                    out[k].append(record[k])
         return out
+
+    def feature_values(self, key: str) -> list:
+        """Values of one stored feature (``file_name``, ``id``…) for every example, in order."""
+        return self.columns(key)[key]
 
     @functools.cached_property
     def labels(self) -> np.ndarray:
@@ -354,10 +358,8 @@ def load(name: str, split: str, data_dir: str | None = None, *,
     if match is None or match.group(1) not in metadata.splits:
         raise ValueError(f"Unknown split {split!r} of {name!r}; available: {sorted(metadata.splits)}.")
     data_source = builder.as_data_source(split=split)
-    try:  # labels and file names without decoding every image
-        label_source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
-    except Exception:  # pylint: disable=broad-except
-        label_source = None
+    # A second view that leaves encoded images undecoded reads labels and file names cheaply.
+    label_source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
     return Source(data_source, metadata, split, label_source=label_source)
 
 

@@ -168,7 +168,8 @@ def _not_prepared(res: _Resolved, candidates: Sequence[str]) -> DatasetNotPrepar
         f"(equivalently `tfds build {full} --file_format=array_record --data_dir=DIR`), or point "
         "`data_dir=` / $FPBMA_DATA_DIR at a directory that already holds it (layout "
         f"DIR/{res.base}/{res.config + '/' if res.config else ''}<version>/). A TFRecord copy must first be "
-        "converted with `tfds convert_format --dataset_version_dir=... --out_file_format=array_record`."
+        "converted (with TensorFlow installed): `tfds convert_format --dataset_version_dir=DIR/<name>/<version> "
+        "--out_file_format=array_record --out_dir=NEW_DIR/<name>/<version>`."
     )
 
 
@@ -200,9 +201,9 @@ def _builder(name: str, data_dir: str | None, builder_kwargs: Mapping[str, Any] 
     if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
         raise DatasetNotPreparedError(
             f"{res.name!r} in {builder.data_dir!r} is stored as {builder.info.file_format.value}; random access "
-            "needs array_record. Convert it with `tfds convert_format "
-            f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record` or re-prepare it with "
-            "fpbma.data.prepare."
+            "needs array_record. Convert it (with TensorFlow installed) with `tfds convert_format "
+            f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record --out_dir=NEW_DIR/...` "
+            "and load from NEW_DIR, or re-prepare it with fpbma.data.prepare."
         )
     return res, builder
 

@@ -100,6 +100,13 @@ def test_unknown_dataset_lists_known_ones():
         assert name in str(e.value)
 
 
+def test_unknown_tfds_name_and_bad_config():
+    with pytest.raises(ValueError, match="Unknown dataset 'tfds:no_such_dataset'.*cifar10"):
+        fpbma.data.info("tfds:no_such_dataset")
+    with pytest.raises(ValueError, match="'digits' has no configs"):
+        fpbma.data.info("digits/extra")
+
+
 def test_unknown_split_lists_available(data_dir):
     with pytest.raises(ValueError, match=r"available: \['test', 'train'\]"):
         fpbma.data.load("digits", "validation", data_dir=data_dir)

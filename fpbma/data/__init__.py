@@ -1,0 +1,42 @@
+"""Datasets for fpbma: TFDS random-access sources, offline builders, batching, few-shot, shift.
+
+>>> import fpbma.data
+>>> src = fpbma.data.load("digits", "train")          # built offline on first use
+>>> src[0]["image"].shape, src.info.num_classes
+((8, 8, 1), 10)
+>>> idx = fpbma.data.few_shot(src, k=4, seed=0)        # 4 indices per class
+
+Everything reads TFDS ``array_record`` files through ``tfds`` data sources; TensorFlow is not needed
+at run time (only to *prepare* most of the paper's TFDS datasets, see ``prepare``).
+"""
+
+from fpbma.data.builders import MissingSourceError
+from fpbma.data.few_shot import (
+    CoopEntry,
+    FewShotSplit,
+    coop_subsets,
+    few_shot,
+    few_shot_split,
+    read_coop_split,
+)
+from fpbma.data.pipeline import batches, num_batches
+from fpbma.data.sources import (
+    KNOWN_DATASETS,
+    OFFLINE_DATASETS,
+    PAPER_DATASETS,
+    SHIFTED_DATASETS,
+    DatasetMetadata,
+    DatasetNotPreparedError,
+    Source,
+    default_data_dir,
+    info,
+    load,
+    prepare,
+)
+
+__all__ = [
+    "CoopEntry", "DatasetMetadata", "DatasetNotPreparedError", "FewShotSplit", "KNOWN_DATASETS",
+    "MissingSourceError", "OFFLINE_DATASETS", "PAPER_DATASETS", "SHIFTED_DATASETS", "Source", "batches",
+    "coop_subsets", "default_data_dir", "few_shot", "few_shot_split", "info", "load", "num_batches",
+    "prepare", "read_coop_split",
+]

@@ -314,8 +314,9 @@ def _glass_blur(x, s, rngs):
     sigma, delta, iterations = _GLASS_BLUR[s]
     n, h, w = x.shape[:3]
     blurred = ndimage.gaussian_filter(x, (0, sigma, sigma, 0), mode="nearest")
-    # The release quantises to uint8 (truncating) before shuffling pixels.
-    out = np.floor(blurred * 255.0) / 255.0
+    # The release quantises to uint8 (truncating) before shuffling pixels; the small offset keeps
+    # k/255*255 from truncating to k-1 through floating-point error.
+    out = np.floor(blurred * 255.0 + 1e-6) / 255.0
     rows = np.arange(h - delta, delta, -1)
     cols = np.arange(w - delta, delta, -1)
     # Like the release, offsets are drawn from [-delta, delta) (upper bound excluded).
@@ -401,7 +402,7 @@ def _snow(x, s, rngs):
         layer = _clipped_zoom(layer, zoom)
         layer[layer < threshold] = 0.0
         # The release passes the layer through an 8-bit PNG before ImageMagick's motion blur.
-        layer = np.floor(np.clip(layer, 0.0, 1.0) * 255.0) / 255.0
+        layer = np.floor(np.clip(layer, 0.0, 1.0) * 255.0 + 1e-6) / 255.0
         flakes.append(_motion_streak(layer, radius, sigma, r.uniform(-135, -45)))
     flakes = np.stack(flakes)
     brightened = np.maximum(x, _gray(x)[..., None] * 1.5 + 0.5)
@@ -501,27 +502,41 @@ def _affine_from_points(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.linalg.solve(design, dst).T
 
 
-def _elastic_transform(x, s, rngs):
-    n, h, w, c = x.shape
+def _elastic_fields(rng: np.random.Generator, h: int, w: int, s: int):
+    """Random affine jitter and smooth displacement field of ``elastic_transform``.
+
+    Three points at the centre ± side/3 move by U(-jitter, jitter) each; the affine map between the
+    old and new points warps the image. Then every pixel moves by (dy, dx) = alpha * (G_smooth *
+    U(-1, 1)), a uniform noise field smoothed by a Gaussian of width ``smooth`` (pixels).
+
+    Returns:
+      (inverse, dy, dx): the 3x3 map from output to input (x, y) of the affine warp, and the two
+      (h, w) displacement fields of the elastic part.
+    """
     side = min(h, w)
     alpha, smooth, jitter = (side * f for f in _ELASTIC[s])
     centre = np.array([w // 2, h // 2], dtype=np.float64)
     half = side // 3
     src = np.array([centre + half, [centre[0] + half, centre[1] - half], centre - half])
+    dst = src + rng.uniform(-jitter, jitter, src.shape)
+    forward = np.vstack([_affine_from_points(src, dst), [0.0, 0.0, 1.0]])
+    dx = _gaussian(rng.uniform(-1, 1, (h, w)), smooth, mode="reflect", truncate=3.0) * alpha
+    dy = _gaussian(rng.uniform(-1, 1, (h, w)), smooth, mode="reflect", truncate=3.0) * alpha
+    return np.linalg.inv(forward), dy, dx
+
+
+def _elastic_transform(x, s, rngs):
+    n, h, w, c = x.shape
     rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     out = np.empty_like(x)
     for k, r in enumerate(rngs):
-        dst = src + r.uniform(-jitter, jitter, src.shape)
-        forward = np.vstack([_affine_from_points(src, dst), [0.0, 0.0, 1.0]])
-        inverse = np.linalg.inv(forward)  # output (x, y) -> input (x, y)
+        inverse, dy, dx = _elastic_fields(r, h, w, s)
         # scipy works in (row, col, channel): swap the x/y roles of the inverse map.
         matrix = np.array(
             [[inverse[1, 1], inverse[1, 0], 0.0], [inverse[0, 1], inverse[0, 0], 0.0], [0.0, 0.0, 1.0]]
         )
         offset = np.array([inverse[1, 2], inverse[0, 2], 0.0])
         warped = ndimage.affine_transform(x[k], matrix, offset, order=1, mode="mirror")
-        dx = _gaussian(r.uniform(-1, 1, (h, w)), smooth, mode="reflect", truncate=3.0) * alpha
-        dy = _gaussian(r.uniform(-1, 1, (h, w)), smooth, mode="reflect", truncate=3.0) * alpha
         coords = np.stack([rows + dy, cols + dx])
         for ch in range(c):
             out[k, ..., ch] = ndimage.map_coordinates(warped[..., ch], coords, order=1, mode="reflect")

@@ -144,47 +144,69 @@ def _gaussian(x: np.ndarray, sigma: float, mode: str = "nearest", truncate: floa
     return ndimage.gaussian_filter(x, sigmas, mode=mode, truncate=truncate)
 
 
+def _zoom_matrix(size: int, factor: float) -> np.ndarray:
+    """(size, size) linear map of one axis: centre crop of ceil(size/factor), zoom by factor, centre trim.
+
+    The zoom is linear interpolation with the end points aligned (scipy.ndimage.zoom, order=1):
+    output index o of the round(crop*factor) zoomed samples reads input o*(crop-1)/(out-1).
+    """
+    crop = int(np.ceil(size / factor))
+    start = (size - crop) // 2
+    out = int(round(crop * factor))
+    trim = (out - size) // 2
+    positions = np.arange(trim, trim + size) * ((crop - 1) / (out - 1) if out > 1 else 0.0)
+    lower = np.minimum(np.floor(positions).astype(int), crop - 1)
+    upper = np.minimum(lower + 1, crop - 1)
+    frac = positions - lower
+    matrix = np.zeros((size, size))
+    rows = np.arange(size)
+    np.add.at(matrix, (rows, start + lower), 1.0 - frac)
+    np.add.at(matrix, (rows, start + upper), frac)
+    return matrix
+
+
 def _clipped_zoom(x: np.ndarray, factor: float) -> np.ndarray:
     """Zoom into the centre of (..., H, W, C) by ``factor`` >= 1, keeping the size H x W."""
-    h, w = x.shape[-3], x.shape[-2]
-    ch, cw = int(np.ceil(h / factor)), int(np.ceil(w / factor))
-    top, left = (h - ch) // 2, (w - cw) // 2
-    crop = x[..., top : top + ch, left : left + cw, :]
-    zooms = (1.0,) * (x.ndim - 3) + (factor, factor, 1.0)
-    out = ndimage.zoom(crop, zooms, order=1)
-    trim_top, trim_left = (out.shape[-3] - h) // 2, (out.shape[-2] - w) // 2
-    return out[..., trim_top : trim_top + h, trim_left : trim_left + w, :]
+    rows = _zoom_matrix(x.shape[-3], factor)
+    cols = _zoom_matrix(x.shape[-2], factor)
+    channels_first = np.moveaxis(x, -1, -3)
+    return np.moveaxis(rows @ channels_first @ cols.T, -3, -1)
 
 
-def _plasma_fractal(rng: np.random.Generator, size: int, decay: float) -> np.ndarray:
-    """Diamond-square height map in [0, 1] of side ``size`` (a power of two).
+def _plasma_fractals(rngs: list, size: int, decay: float) -> np.ndarray:
+    """Diamond-square height maps in [0, 1], one (size, size) map per generator; size a power of two.
 
-    Each refinement halves the step and adds uniform noise of amplitude ``wibble**2`` to the
-    mean of the four parents; ``wibble`` starts at 100 and is divided by ``decay`` per level,
-    so a larger decay gives a smoother map.
+    Each refinement halves the step and sets the new points to the mean of their four parents plus
+    ``wibble**2 * U(-1, 1)``; ``wibble`` starts at 100 and is divided by ``decay`` per level, so a
+    larger decay gives a smoother map. Each generator supplies its own map's noise, in a fixed order.
     """
-    height = np.zeros((size, size))
-    step, wibble = size, 100.0
+    n = len(rngs)
+    steps = [size >> level for level in range(int(np.log2(size)))]
+    noise = np.stack([r.uniform(-1.0, 1.0, sum(3 * (size // st) ** 2 for st in steps)) for r in rngs])
+    height = np.zeros((n, size, size))
+    used, wibble = 0, 100.0
 
     def noisy_mean(total: np.ndarray) -> np.ndarray:
-        return total / 4 + wibble * rng.uniform(-wibble, wibble, total.shape)
+        nonlocal used
+        k = total.shape[1] * total.shape[2]
+        draw = noise[:, used : used + k].reshape(total.shape)
+        used += k
+        return total / 4 + wibble**2 * draw
 
-    while step >= 2:
+    for step in steps:
         half = step // 2
-        corners = height[0:size:step, 0:size:step]
-        square = corners + np.roll(corners, -1, axis=0)
-        square = square + np.roll(square, -1, axis=1)
-        height[half:size:step, half:size:step] = noisy_mean(square)
-        centres = height[half:size:step, half:size:step]
-        corners = height[0:size:step, 0:size:step]
-        across = centres + np.roll(centres, 1, axis=0) + corners + np.roll(corners, -1, axis=1)
-        height[0:size:step, half:size:step] = noisy_mean(across)
-        down = centres + np.roll(centres, 1, axis=1) + corners + np.roll(corners, -1, axis=0)
-        height[half:size:step, 0:size:step] = noisy_mean(down)
-        step //= 2
+        corners = height[:, 0:size:step, 0:size:step]
+        square = corners + np.roll(corners, -1, axis=1)
+        square = square + np.roll(square, -1, axis=2)
+        height[:, half:size:step, half:size:step] = noisy_mean(square)
+        centres = height[:, half:size:step, half:size:step]
+        across = centres + np.roll(centres, 1, axis=1) + corners + np.roll(corners, -1, axis=2)
+        height[:, 0:size:step, half:size:step] = noisy_mean(across)
+        down = centres + np.roll(centres, 1, axis=2) + corners + np.roll(corners, -1, axis=1)
+        height[:, half:size:step, 0:size:step] = noisy_mean(down)
         wibble /= decay
-    height -= height.min()
-    return height / height.max()
+    height -= height.min(axis=(1, 2), keepdims=True)
+    return height / height.max(axis=(1, 2), keepdims=True)
 
 
 def _fractal_size(h: int, w: int) -> int:
@@ -396,24 +418,22 @@ def _fog(x, s, rngs):
     strength, decay = _FOG[s]
     n, h, w = x.shape[:3]
     size = _fractal_size(h, w)
-    haze = np.stack([_plasma_fractal(r, size, decay)[:h, :w] for r in rngs])[..., None]
+    haze = _plasma_fractals(rngs, size, decay)[:, :h, :w, None]
     max_val = x.max(axis=(1, 2, 3), keepdims=True)
     return (x + strength * haze) * max_val / (max_val + strength)
 
 
-def _frost_texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+def _frost_textures(rngs: list, h: int, w: int) -> np.ndarray:
     size = _fractal_size(h, w)
-    veins = (1.0 - np.abs(2.0 * _plasma_fractal(rng, size, 1.6) - 1.0)) ** 6
-    haze = _plasma_fractal(rng, size, 2.5)
-    gray = np.clip(0.1 + 0.75 * veins + 0.25 * haze, 0.0, 1.0)[:h, :w]
+    veins = (1.0 - np.abs(2.0 * _plasma_fractals(rngs, size, 1.6) - 1.0)) ** 6
+    haze = _plasma_fractals(rngs, size, 2.5)
+    gray = np.clip(0.1 + 0.75 * veins + 0.25 * haze, 0.0, 1.0)[:, :h, :w]
     return gray[..., None] * _FROST_TINT
 
 
 def _frost(x, s, rngs):
     keep, weight = _FROST[s]
-    h, w = x.shape[1:3]
-    frost = np.stack([_frost_texture(r, h, w) for r in rngs])
-    return keep * x + weight * frost
+    return keep * x + weight * _frost_textures(rngs, *x.shape[1:3])
 
 
 def _snow(x, s, rngs):

@@ -52,8 +52,10 @@ def photos32():
     return np.stack(patches)
 
 
-def test_names():
+def test_names_and_empty_batch(digits28):
     assert len(CORRUPTIONS) == 19 and len(set(CORRUPTIONS)) == 19
+    for name in CORRUPTIONS:
+        assert corrupt(digits28[:0], name, 5, 0).shape == (0, 28, 28, 1)
 
 
 @pytest.mark.parametrize("name", CORRUPTIONS)
@@ -365,3 +367,21 @@ def test_grayscale_equals_gray_rgb(name, digits28):
     # JPEG codes an RGB gray image through YCbCr, whose rounding differs from coding the gray plane.
     assert difference.max() <= (2 if name == "jpeg_compression" else 1)
     assert np.mean(difference > 0.5) < 0.01
+
+
+def test_clipped_zoom_against_scipy_zoom():
+    """The centre zoom of zoom blur and snow (a linear map per axis) equals crop + scipy zoom + trim."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    for shape in [(4, 28, 28, 1), (3, 8, 8, 3), (2, 16, 24, 3), (32, 32, 1)]:
+        x = rng.random(shape)
+        h, w = shape[-3], shape[-2]
+        for factor in [1.0, 1.01, 1.07, 1.13, 1.25, 1.75, 2.25]:
+            ch, cw = int(np.ceil(h / factor)), int(np.ceil(w / factor))
+            top, left = (h - ch) // 2, (w - cw) // 2
+            crop = x[..., top : top + ch, left : left + cw, :]
+            zoomed = ndimage.zoom(crop, (1.0,) * (x.ndim - 3) + (factor, factor, 1.0), order=1)
+            trim_top, trim_left = (zoomed.shape[-3] - h) // 2, (zoomed.shape[-2] - w) // 2
+            expected = zoomed[..., trim_top : trim_top + h, trim_left : trim_left + w, :]
+            np.testing.assert_allclose(corruptions._clipped_zoom(x, factor), expected, rtol=0, atol=1e-12)

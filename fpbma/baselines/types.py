@@ -23,6 +23,10 @@ from fpbma import posterior as post
 
 PyTree = Any
 
+# One compiled program per (family, shapes, n) instead of hundreds of eager per-leaf dispatches; the
+# structural checks of fpbma.sample still run while tracing.
+_sample_jit = jax.jit(post.sample, static_argnums=2)
+
 __all__ = ["SampleSet", "draw", "num_samples", "point_mass", "stack_samples"]
 
 
@@ -97,7 +101,7 @@ def draw(posterior_or_samples, key: jax.Array, n: Optional[int] = None) -> PyTre
     if n is None:
         raise ValueError(f"draw() needs n (the number of samples) for a {type(obj).__name__}.")
     if isinstance(obj, (post.DiagGaussian, post.LowRankGaussian)):
-        return post.sample(obj, key, int(n))
+        return _sample_jit(obj, key, int(n))
     if callable(getattr(obj, "sample", None)):
         return obj.sample(key, int(n))
     raise TypeError(f"draw() does not know how to sample a {type(obj).__name__}: pass a DiagGaussian, "

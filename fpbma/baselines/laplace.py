@@ -159,6 +159,9 @@ def ggn(head_fn: Callable[[PyTree, jax.Array], jax.Array], head_params: PyTree, 
     return jnp.einsum("bcd,bce,bef->df", jac, h, jac), jnp.sum(nll)
 
 
+_ggn_jit = jax.jit(ggn, static_argnums=(0, 4))
+
+
 def log_marginal_likelihood(prior_precision, nll_sum, mean_sq_norm, ggn_eigenvalues, num_params):
     """Laplace log Z(δ) = −NLL − δ/2‖θ*‖² + D/2 log δ − ½ Σ log(λᵢ + δ) (vectorised over δ)."""
     delta = jnp.asarray(prior_precision)[..., None]
@@ -227,7 +230,7 @@ def fit_last_layer_laplace(head_fn, head_params: PyTree, features, labels, *, li
     if features.shape[0] != labels.shape[0]:
         raise ValueError(f"features ({features.shape[0]}) and labels ({labels.shape[0]}) differ in length.")
 
-    curvature, nll_sum = jax.jit(ggn, static_argnums=(0, 4))(head_fn, head_params, features, labels, likelihood)
+    curvature, nll_sum = _ggn_jit(head_fn, head_params, features, labels, likelihood)
     flat, _ = ravel_pytree(head_params)
     d = flat.shape[0]
     eye = jnp.eye(d, dtype=curvature.dtype)

@@ -16,6 +16,11 @@ The transform updates θ (the params); θ_a lives in the state (:func:`guiding_p
 ``num_steps`` and ``n_cycle`` the step size follows cSGLD's cyclical cosine schedule, with its
 exploration phase; samples are collected as for cSGLD (:func:`fpbma.baselines.sgld.is_cycle_end`).
 
+Units: ``grads`` is ∇U with U the *summed* negative log posterior. The authors' released code works with
+the mean loss ℓ̄ = U/N and a step ``lr`` on it; that is this update with α = lr/N and the same η, T.
+Their code keeps both θ and θ_a at the end of every cycle for BMA (e.g.
+``stack_samples([theta, guiding_params(state)])``).
+
 Reference: Li & Zhang, "Entropy-MCMC: Sampling from Flat Basins with Ease", ICLR 2024,
 arXiv:2310.05401.
 """

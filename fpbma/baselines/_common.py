@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax
@@ -15,7 +16,7 @@ PyTree = Any
 
 def check_int(value, name: str, *, low: int) -> int:
     """An integer hyperparameter >= ``low``; the error names it and the rule."""
-    is_int = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    is_int = isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and float(value).is_integer())
     if isinstance(value, bool) or not is_int:
         raise TypeError(f"{name}={value!r} must be an integer >= {low}.")
     if int(value) < low:

@@ -172,5 +172,10 @@ def test_draw_sampleset_subsets():
     assert len(set(sub.tolist())) == 3 and set(sub.tolist()) <= set(range(5))
     with pytest.raises(ValueError, match="n=6"):
         bl.draw(s, jax.random.PRNGKey(0), 6)
+    with pytest.raises(TypeError, match="does not know how to sample"):
+        bl.draw({"w": jnp.zeros(2)}, jax.random.PRNGKey(0), 2)
+    with pytest.raises(ValueError, match="different tree structure"):
+        bl.stack_samples([{"w": jnp.zeros(2)}, {"v": jnp.zeros(2)}])
+    assert bl.num_samples(bl.stack_samples([{"w": jnp.zeros(2)}] * 4)) == 4
     with pytest.raises(ValueError, match="needs n"):
         bl.draw(fpbma.DiagGaussian.from_point({"w": jnp.zeros(2)}, 0.1), jax.random.PRNGKey(0))

@@ -15,15 +15,6 @@ from __future__ import annotations
 import inspect
 from typing import Callable, Dict
 
-from fpbma.baselines import bsam as bsam_lib
-from fpbma.baselines import emcmc as emcmc_lib
-from fpbma.baselines import fsam as fsam_lib
-from fpbma.baselines import laplace as laplace_lib
-from fpbma.baselines import moped as moped_lib
-from fpbma.baselines import sam as sam_lib
-from fpbma.baselines import sgd as sgd_lib
-from fpbma.baselines import sgld as sgld_lib
-from fpbma.baselines import swag as swag_lib
 from fpbma.baselines.bsam import BSAMState, bsam, bsam_posterior
 from fpbma.baselines.emcmc import EMCMCState, emcmc, guiding_params
 from fpbma.baselines.fsam import fsam

@@ -1,0 +1,131 @@
+"""SGLD (Welling & Teh, 2011) and cyclical SGLD (cSGLD; Zhang et al., ICLR 2020).
+
+Both act on the potential U(w) = −log p(w | D), whose stochastic gradient the caller passes as
+``grads`` (N × the mean mini-batch loss gradient, plus the prior's gradient). At temperature T:
+
+    SGLD:   w ← w − α_k ∇U(w) + √(2 α_k T) ξ,        ξ ~ N(0, I).
+
+cSGLD splits the K steps into M = n_cycle cosine cycles of length L = ⌈K/M⌉,
+
+    α_k = α₀/2 · [cos(π · mod(k, L)/L) + 1],       r(k) = mod(k, L)/L,
+
+and in each cycle runs an *exploration* phase (r(k) < β = exploration_ratio: plain gradient steps,
+no noise) followed by a *sampling* phase (r(k) ≥ β: the SGLD step above). Samples are collected at
+the end of each cycle (:func:`is_cycle_end`) and stacked into a
+:class:`~fpbma.baselines.types.SampleSet`.
+
+References:
+  Welling & Teh, "Bayesian Learning via Stochastic Gradient Langevin Dynamics", ICML 2011.
+  Zhang, Li, Zhang, Chen & Wilson, "Cyclical Stochastic Gradient MCMC for Bayesian Deep Learning",
+  ICLR 2020.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fpbma.baselines._common import check_int, check_number, tree_normal_like
+
+PyTree = Any
+
+__all__ = ["SGLDState", "sgld", "csgld", "cyclical_cosine_schedule", "is_cycle_end", "cycle_length"]
+
+
+class SGLDState(NamedTuple):
+    """State of :func:`sgld` / :func:`csgld`: the step counter k and the noise key."""
+
+    count: jax.Array
+    key: jax.Array
+
+
+def cycle_length(num_steps: int, n_cycle: int) -> int:
+    """L = ⌈K/M⌉, the number of steps per cycle."""
+    num_steps = check_int(num_steps, "num_steps", low=1)
+    n_cycle = check_int(n_cycle, "n_cycle", low=1)
+    if n_cycle > num_steps:
+        raise ValueError(f"n_cycle={n_cycle} exceeds num_steps={num_steps}; every cycle needs at least one step.")
+    return math.ceil(num_steps / n_cycle)
+
+
+def cyclical_cosine_schedule(learning_rate: float, num_steps: int, n_cycle: int) -> optax.Schedule:
+    """α_k = α₀/2 [cos(π mod(k, L)/L) + 1] with L = ⌈K/M⌉ (Zhang et al., 2020, Eq. 1)."""
+    check_number(learning_rate, "learning_rate", low=0.0, low_open=True)
+    length = cycle_length(num_steps, n_cycle)
+    return lambda k: 0.5 * learning_rate * (jnp.cos(jnp.pi * jnp.mod(k, length) / length) + 1.0)
+
+
+def is_cycle_end(count, num_steps: int, n_cycle: int) -> jax.Array:
+    """True when the step just taken closed a cycle (``count`` = steps taken so far, i.e. state.count)."""
+    length = cycle_length(num_steps, n_cycle)
+    return jnp.logical_and(count > 0, jnp.mod(count, length) == 0)
+
+
+def _langevin(step_size, noise_on, temp, seed):
+    def init_fn(params):
+        del params
+        return SGLDState(jnp.zeros([], jnp.int32), jax.random.PRNGKey(seed))
+
+    def update_fn(updates, state, params=None):
+        del params
+        key, noise_key = jax.random.split(state.key)
+        alpha = step_size(state.count)
+        scale = jnp.where(noise_on(state.count), jnp.sqrt(2.0 * alpha * temp), 0.0)
+        noise = tree_normal_like(noise_key, updates)
+        new = jax.tree.map(lambda g, z: (-alpha * g + scale * z).astype(jnp.result_type(g)), updates, noise)
+        return new, SGLDState(state.count + 1, key)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def sgld(learning_rate, temp: float = 1.0, seed: int = 0) -> optax.GradientTransformation:
+    """SGLD: ``update(∇U, state)`` returns −α_k ∇U + √(2 α_k T) ξ.
+
+    Args:
+      learning_rate: α > 0, a float or an optax schedule of the step k.
+      temp: temperature T ≥ 0 (T = 1 samples the posterior; T = 0 is gradient descent).
+      seed: integer seed of the noise key kept in the state.
+
+    >>> tx = sgld(1e-4, temp=1.0)
+
+    References:
+      Welling & Teh, "Bayesian Learning via Stochastic Gradient Langevin Dynamics", ICML 2011.
+    """
+    check_number(learning_rate, "learning_rate", low=0.0, low_open=True)
+    check_number(temp, "temp", low=0.0)
+    seed = check_int(seed, "seed", low=0)
+    step_size = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+    return _langevin(step_size, lambda k: True, temp, seed)
+
+
+def csgld(learning_rate: float, num_steps: int, n_cycle: int = 4, exploration_ratio: float = 0.8,
+          temp: float = 1.0, seed: int = 0) -> optax.GradientTransformation:
+    """Cyclical SGLD with the cosine schedule, an exploration phase and a sampling phase per cycle.
+
+    Args:
+      learning_rate: α₀ > 0, the step size at the start of every cycle.
+      num_steps: K, the total number of steps of the run.
+      n_cycle: M ≥ 1 cycles.
+      exploration_ratio: β in [0, 1), the fraction of each cycle run without noise.
+      temp: temperature T ≥ 0.
+      seed: integer seed of the noise key.
+
+    Returns:
+      An ``optax.GradientTransformation``; collect ``params`` after each update for which
+      ``is_cycle_end(state.count, num_steps, n_cycle)`` holds.
+
+    >>> tx = csgld(0.5, num_steps=1000, n_cycle=4, exploration_ratio=0.8)
+
+    References:
+      Zhang et al., "Cyclical Stochastic Gradient MCMC for Bayesian Deep Learning", ICLR 2020.
+    """
+    schedule = cyclical_cosine_schedule(learning_rate, num_steps, n_cycle)
+    length = cycle_length(num_steps, n_cycle)
+    check_number(exploration_ratio, "exploration_ratio", low=0.0, high=1.0, high_open=True)
+    check_number(temp, "temp", low=0.0)
+    seed = check_int(seed, "seed", low=0)
+    return _langevin(schedule, lambda k: jnp.mod(k, length) / length >= exploration_ratio, temp, seed)

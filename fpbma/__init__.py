@@ -31,3 +31,5 @@ from fpbma.transforms import (
 )
 
 __version__ = "0.1.0"
+
+from fpbma import baselines, metrics  # noqa: E402  (subpackages that build on the core above)

@@ -156,12 +156,8 @@ def from_pretrained(name: str, path: str | os.PathLike, num_classes: int | None 
 
     ResNets read torchvision state dicts (``.safetensors`` or zip ``.pth``); ViTs read timm
     state dicts (``.safetensors``/``.pth``) or Google/big_vision ``.npz``; ``efficientnet_lite0``
-    reads its package's weight file through :mod:`fpbma.models.efficientnet`. When
-    ``num_classes`` differs from the checkpoint's head the head is replaced by a zero-initialised
-    one (``dont_load=("head",)``, the paper's transfer initialisation: head mean 0); otherwise
-    loading is strict and any missing, unexpected or mis-shaped key raises one
-    :class:`CheckpointMismatchError` listing all of them. For a ViT whose ``image_size`` differs
-    from the checkpoint's, position embeddings are resampled bilinearly.
+    reads its package's weight file through :mod:`fpbma.models.efficientnet`. See
+    :func:`load_pretrained` for head replacement, strictness and position-embedding resampling.
 
     Args:
       name: one of :data:`MODEL_NAMES`.
@@ -175,40 +171,92 @@ def from_pretrained(name: str, path: str | os.PathLike, num_classes: int | None 
     s = spec(name)
     if num_classes is not None:
         _check_classes(num_classes)
-    path = os.fspath(path)
     if s.family == "efficientnet":
-        from fpbma.models import efficientnet
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"Checkpoint file {path!r} does not exist.")
-        loaded = efficientnet.load_efficientnet_lite0(path)
-        converted = checkpoints.Converted()
-        for p, v in jax.tree_util.tree_leaves_with_path(dict(loaded)):
-            flat = tuple(getattr(k, "key", str(k)) for k in p)
-            converted.put(flat, np.asarray(v), "/".join(flat))
-    else:
-        tensors = checkpoints.read_tensors(path)
-        if s.family == "resnet":
-            if path.lower().endswith(".npz"):
-                raise ValueError(f"{name} loads torchvision state dicts (.safetensors/.pth), "
-                                 f"not .npz: {path!r}.")
-            converted = checkpoints.convert_torchvision_resnet(tensors)
-        elif path.lower().endswith(".npz"):
-            converted = checkpoints.convert_big_vision_vit(tensors)
-        else:
-            converted = checkpoints.convert_timm_vit(tensors)
+        return _load_efficientnet(s, path, num_classes)
+    model = s.build(1000 if num_classes is None else int(num_classes), image_size or s.image_size)
+    return load_pretrained(model, path, num_classes, image_size=image_size)
 
+
+def _load_efficientnet(s: ModelSpec, path, num_classes):
+    from fpbma.models import efficientnet
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint file {path!r} does not exist.")
+    loaded = efficientnet.load_efficientnet_lite0(path)
+    converted = checkpoints.Converted()
+    for p, v in jax.tree_util.tree_leaves_with_path(dict(loaded)):
+        flat = tuple(getattr(k, "key", str(k)) for k in p)
+        converted.put(flat, np.asarray(v), "/".join(flat))
+    return _assign(lambda nc, size: s.build(nc, size), "efficientnet", converted, num_classes,
+                   s.image_size)
+
+
+def load_pretrained(model, path: str | os.PathLike, num_classes: int | None = None, *,
+                    image_size: int | None = None):
+    """Loads a checkpoint file into a ResNet/CifarResNet/ViT module of any configuration.
+
+    When ``num_classes`` differs from the checkpoint's head, the head is replaced by a
+    zero-initialised one (``dont_load=("head",)``, the paper's transfer initialisation: head mean
+    0); otherwise loading is strict: every missing, unexpected or mis-shaped key is listed in one
+    :class:`CheckpointMismatchError`. For a ViT whose ``image_size`` (default: the checkpoint's
+    grid × patch size) differs from the checkpoint's, position embeddings are resampled bilinearly.
+
+    Args:
+      model: a :class:`ResNet`, :class:`CifarResNet` or :class:`ViT`; its ``num_classes`` and
+        ``image_size`` are replaced by the ones resolved here.
+      path: ``.safetensors``/``.pth`` (torchvision or timm keys) or ``.npz`` (big_vision ViT).
+      num_classes: classes of the head; None keeps the checkpoint's.
+      image_size: ViT input side.
+
+    Returns:
+      ``(model, variables)``.
+    """
+    if num_classes is not None:
+        _check_classes(num_classes)
+    path = os.fspath(path)
+    is_npz = path.lower().endswith(".npz")
+    if isinstance(model, (ResNet, CifarResNet)):
+        if is_npz:
+            raise ValueError(f"ResNets load torchvision state dicts (.safetensors/.pth), not .npz: "
+                             f"{path!r}.")
+        family = "resnet"
+    elif isinstance(model, ViT):
+        family = "vit"
+    else:
+        raise TypeError(f"load_pretrained supports ResNet, CifarResNet and ViT modules, got "
+                        f"{type(model).__name__}; use from_pretrained for other names.")
+    tensors = checkpoints.read_tensors(path)
+    if family == "resnet":
+        converted = checkpoints.convert_torchvision_resnet(tensors)
+    elif is_npz:
+        converted = checkpoints.convert_big_vision_vit(tensors)
+    else:
+        converted = checkpoints.convert_timm_vit(tensors)
+    size = image_size
+    if family == "vit" and size is None:
+        size = model.image_size
+        if ("params", "pos_embed") in converted:
+            grid = int(round(np.sqrt(converted[("params", "pos_embed")].shape[1] - 1)))
+            size = grid * model.patch_size
+
+    def build(nc, sz):
+        return model.clone(num_classes=nc, image_size=sz) if family == "vit" else \
+            model.clone(num_classes=nc)
+
+    return _assign(build, family, converted, num_classes, size or 224)
+
+
+def _assign(build, family, converted, num_classes, size):
     head_bias = converted.get(("params", "head", "bias"))
     ckpt_classes = None if head_bias is None else int(head_bias.shape[0])
     if num_classes is None:
         if ckpt_classes is None:
-            raise ValueError(f"Checkpoint {path!r} has no head; pass num_classes.")
+            raise ValueError("The checkpoint has no 'head'; pass num_classes.")
         num_classes = ckpt_classes
-    size = image_size or s.image_size
-    if s.family == "vit" and image_size is None and ("params", "pos_embed") in converted:
-        grid = int(round(np.sqrt(converted[("params", "pos_embed")].shape[1] - 1)))
-        size = grid * 16
-    model = s.build(int(num_classes), size)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), _dummy(size), train=False))
+    model = build(int(num_classes), size)
+    # Convolutional nets are size-agnostic; a small dummy keeps eval_shape cheap.
+    dummy = _dummy(size if family == "vit" else 32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy, train=False))
     dont_load = ("head",) if ckpt_classes != num_classes else ()
     variables = checkpoints.assign_variables(shapes, converted, dont_load=dont_load)
     return model, variables
@@ -260,6 +308,6 @@ def preprocess(name: str, uint8_images, *, image_size: int | None = None) -> jax
 
 __all__ = [
     "BatchNorm", "CheckpointMismatchError", "CifarResNet", "MODEL_NAMES", "ModelSpec", "ResNet",
-    "ViT", "checkpoints", "create", "from_pretrained", "merge", "partition", "preprocess",
+    "ViT", "checkpoints", "create", "from_pretrained", "load_pretrained", "merge", "partition", "preprocess",
     "resample_pos_embed", "resnet", "restore_checkpoint", "save_checkpoint", "spec", "split", "vit",
 ]

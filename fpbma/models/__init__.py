@@ -86,11 +86,9 @@ def _efficientnet_spec():
     except ImportError as e:
         raise ValueError("efficientnet_lite0 needs fpbma/models/efficientnet.py, which is not "
                          f"installed in this checkout ({e}).") from e
+    # Normalisation and crop are delegated to efficientnet.preprocess_efficientnet_lite0.
     return ModelSpec(lambda nc, _: efficientnet.EfficientNetLite0(num_classes=nc), "efficientnet",
-                     getattr(efficientnet, "IMAGE_SIZE", 224),
-                     tuple(getattr(efficientnet, "IMAGE_MEAN", IMAGENET_MEAN)),
-                     tuple(getattr(efficientnet, "IMAGE_STD", IMAGENET_STD)),
-                     getattr(efficientnet, "CROP_FRACTION", 0.875))
+                     224, crop_fraction=224 / (224 + efficientnet.CROP_PADDING))
 
 
 _SPECS: dict[str, ModelSpec] = {
@@ -161,7 +159,7 @@ def from_pretrained(name: str, path: str | os.PathLike, num_classes: int | None 
 
     Args:
       name: one of :data:`MODEL_NAMES`.
-      path: checkpoint file.
+      path: checkpoint file (``efficientnet_lite0``: None finds the installed weights package).
       num_classes: classes of the new head; None keeps the checkpoint's head.
       image_size: ViT input side (default: the checkpoint's); ignored by convolutional models.
 
@@ -172,23 +170,22 @@ def from_pretrained(name: str, path: str | os.PathLike, num_classes: int | None 
     if num_classes is not None:
         _check_classes(num_classes)
     if s.family == "efficientnet":
-        return _load_efficientnet(s, path, num_classes)
+        return _load_efficientnet(path, num_classes)
+    if path is None:
+        raise ValueError(f"from_pretrained({name!r}, ...) needs a checkpoint path.")
     model = s.build(1000 if num_classes is None else int(num_classes), image_size or s.image_size)
     return load_pretrained(model, path, num_classes, image_size=image_size)
 
 
-def _load_efficientnet(s: ModelSpec, path, num_classes):
+def _load_efficientnet(path, num_classes):
     from fpbma.models import efficientnet
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint file {path!r} does not exist.")
-    loaded = efficientnet.load_efficientnet_lite0(path)
-    converted = checkpoints.Converted()
-    for p, v in jax.tree_util.tree_leaves_with_path(dict(loaded)):
-        flat = tuple(getattr(k, "key", str(k)) for k in p)
-        converted.put(flat, np.asarray(v), "/".join(flat))
-    return _assign(lambda nc, size: s.build(nc, size), "efficientnet", converted, num_classes,
-                   s.image_size)
+    if path is not None and not os.path.isfile(os.fspath(path)):
+        raise FileNotFoundError(f"Checkpoint file {os.fspath(path)!r} does not exist.")
+    # The loader replaces a head of another size with a zero-initialised one, strict otherwise.
+    variables = efficientnet.load_efficientnet_lite0(path, num_classes)
+    model = efficientnet.EfficientNetLite0(
+        num_classes=efficientnet.IMAGENET_NUM_CLASSES if num_classes is None else num_classes)
+    return model, dict(variables)
 
 
 def load_pretrained(model, path: str | os.PathLike, num_classes: int | None = None, *,
@@ -265,10 +262,11 @@ def _assign(build, family, converted, num_classes, size):
 def preprocess(name: str, uint8_images, *, image_size: int | None = None) -> jax.Array:
     """Turns uint8 RGB images into the float32 NHWC input a named model's weights expect.
 
-    x = (resize(centre_crop(u / 255)) − mean) / std per channel. ImageNet-stem ResNets and
-    EfficientNet crop the central 87.5 % and resize to 224 px; ViTs crop 90 % and normalise to
-    [−1, 1]; small-input models (``*_small``, ``resnet20``) keep the input size unless
-    ``image_size`` asks for another one (plain resize).
+    x = (resize(centre_crop(u / 255)) − mean) / std per channel. ImageNet-stem ResNets crop the
+    central 87.5 % and resize to 224 px; ViTs crop 90 % and normalise to [−1, 1]; small-input
+    models (``*_small``, ``resnet20``) keep the input size unless ``image_size`` asks for another
+    (plain resize); EfficientNet-Lite0 uses its TF preprocessing
+    (:func:`fpbma.models.efficientnet.preprocess_efficientnet_lite0`).
 
     Args:
       name: one of :data:`MODEL_NAMES`.
@@ -279,6 +277,9 @@ def preprocess(name: str, uint8_images, *, image_size: int | None = None) -> jax
       float32 array ``(N, S, S, 3)`` (or ``(S, S, 3)`` for a single image).
     """
     s = spec(name)
+    if s.family == "efficientnet":
+        from fpbma.models import efficientnet
+        return efficientnet.preprocess_efficientnet_lite0(uint8_images, size=image_size or 224)
     x = np.asarray(uint8_images) if not isinstance(uint8_images, jax.Array) else uint8_images
     if x.dtype != np.uint8:
         raise ValueError(f"preprocess expects uint8 images in [0, 255], got dtype {x.dtype}; "

@@ -25,6 +25,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable
 
@@ -143,9 +144,15 @@ def create(name: str, num_classes: int, *, key: jax.Array, image_size: int | Non
     s = spec(name)
     _check_classes(num_classes)
     size = image_size or s.image_size
-    model = s.build(int(num_classes), size)
-    variables = jax.jit(model.init, static_argnames="train")(key, _dummy(size), train=False)
-    return model, dict(variables)
+    model, init = _compiled_init(name, int(num_classes), size)
+    return model, dict(init(key))
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_init(name: str, num_classes: int, size: int):
+    # One compiled init per configuration: ensembles / repeated seeds re-use it.
+    model = spec(name).build(num_classes, size)
+    return model, jax.jit(lambda key: model.init(key, _dummy(size), train=False))
 
 
 def from_pretrained(name: str, path: str | os.PathLike, num_classes: int | None = None, *,

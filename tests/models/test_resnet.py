@@ -136,13 +136,13 @@ def test_mismatched_checkpoint_names_every_bad_key(tmp_path):
 
 
 def test_small_stem_checkpoint_into_imagenet_stem_is_a_shape_error(tmp_path):
-    _, variables = M.create("resnet18_small", 10, key=jax.random.PRNGKey(0))
-    kernel = np.asarray(variables["params"]["conv1"]["kernel"])  # (3, 3, 3, 64)
     net = ref.resnet18(num_classes=10)
     sd = {k: v.clone() for k, v in net.state_dict().items()}
-    sd["conv1.weight"] = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
+    sd["conv1.weight"] = torch.zeros(64, 3, 3, 3)  # a 3x3 small-stem kernel
     save_file(sd, str(tmp_path / "small.safetensors"))
-    with pytest.raises(M.CheckpointMismatchError, match=r"conv1\.weight -> params/conv1/kernel"):
+    with pytest.raises(M.CheckpointMismatchError,
+                       match=r"conv1\.weight -> params/conv1/kernel: checkpoint \(3, 3, 3, 64\) "
+                             r"vs model \(7, 7, 3, 64\)"):
         M.from_pretrained("resnet18", tmp_path / "small.safetensors")
 
 
@@ -165,15 +165,20 @@ def test_parameter_counts_and_nl_ll_subset_match_torch(arch):
 def test_small_stem_and_resnet20_shapes_and_downsampling():
     x = jnp.zeros((2, 32, 32, 3))
     for name, feat in (("resnet18_small", 512), ("resnet20", 64)):
-        model, variables = M.create(name, 10, key=jax.random.PRNGKey(1))
-        assert model.apply(variables, x).shape == (2, 10)
+        model = M.spec(name).build(10, 32)
+        variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(1), x))
         assert variables["params"]["head"]["kernel"].shape == (feat, 10)
         # no max-pool and a stride-1 3x3 stem: the first stage sees the full 32x32 grid.
-        _, inter = model.apply(variables, x, capture_intermediates=True,
-                               mutable=["intermediates"])
+        out, inter = jax.eval_shape(lambda v: model.apply(
+            v, x, capture_intermediates=True, mutable=["intermediates"]), variables)
+        assert out.shape == (2, 10)
         assert inter["intermediates"]["layer1_0"]["__call__"][0].shape[1:3] == (32, 32)
+        assert inter["intermediates"]["layer3_0"]["__call__"][0].shape[1:3] == (8, 8)
     # ResNet-20: 3 stages x 3 BasicBlocks x 2 convs + stem + head = 20 weight layers.
-    model, variables = M.create("resnet20", 10, key=jax.random.PRNGKey(2))
-    kernels = [p for p in jax.tree_util.tree_leaves_with_path(variables["params"])
-               if p[0][-1].key == "kernel" and "downsample" not in jax.tree_util.keystr(p[0])]
+    kernels = [p for p, _ in jax.tree_util.tree_leaves_with_path(variables["params"])
+               if p[-1].key == "kernel" and "downsample" not in jax.tree_util.keystr(p)]
     assert len(kernels) == 20
+    # create() gives a working randomly initialised model end to end.
+    model, variables = M.create("resnet20", 10, key=jax.random.PRNGKey(2))
+    logits = jax.jit(model.apply)(variables, jnp.ones((2, 32, 32, 3)))
+    assert logits.shape == (2, 10) and bool(jnp.all(jnp.isfinite(logits)))

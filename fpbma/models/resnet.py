@@ -67,20 +67,19 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
         if train:
             axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x, axes)
-            mean_sq = jnp.mean(jnp.square(x), axes)
-            if self.axis_name is not None:
-                mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
-            # Two-pass variance for accuracy; mean_sq is only needed for the cross-device case.
-            var = (jnp.mean(jnp.square(x - mean), axes) if self.axis_name is None
-                   else jnp.maximum(mean_sq - jnp.square(mean), 0.0))
             n = x.size // features
-            if self.axis_name is not None:
+            if self.axis_name is None:
+                mean = jnp.mean(x, axes)
+                var = jnp.mean(jnp.square(x - mean), axes)  # two-pass: no cancellation
+            else:
+                mean, mean_sq = jax.lax.pmean((jnp.mean(x, axes), jnp.mean(jnp.square(x), axes)),
+                                              self.axis_name)
+                var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
                 n = n * jax.lax.psum(1, self.axis_name)
             if not self.is_initializing():
                 m = self.momentum
                 ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
-                ra_var.value = (1.0 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+                ra_var.value = (1.0 - m) * ra_var.value + m * var * (n / jnp.maximum(n - 1, 1))
         else:
             mean, var = ra_mean.value, ra_var.value
         inv = jax.lax.rsqrt(var + self.epsilon) * scale

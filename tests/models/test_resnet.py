@@ -182,3 +182,21 @@ def test_small_stem_and_resnet20_shapes_and_downsampling():
     model, variables = M.create("resnet20", 10, key=jax.random.PRNGKey(2))
     logits = jax.jit(model.apply)(variables, jnp.ones((2, 32, 32, 3)))
     assert logits.shape == (2, 10) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_batchnorm_across_devices_equals_one_big_batch():
+    # Batch statistics averaged over a named axis (pmap/shard_map) equal those of the whole batch.
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 3, 3, 5)) * 2.0 + 1.0
+    bn = M.BatchNorm(axis_name="devices")
+    v = M.BatchNorm().init(jax.random.PRNGKey(0), x[0], train=False)
+    y, upd = jax.vmap(lambda xi: bn.apply(v, xi, train=True, mutable=["batch_stats"]),
+                      axis_name="devices")(x)
+    whole = x.reshape(8, 3, 3, 5)
+    y_ref, upd_ref = M.BatchNorm().apply(v, whole, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(np.asarray(y).reshape(whole.shape), np.asarray(y_ref), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(upd["batch_stats"]["var"][0]),
+                               np.asarray(upd_ref["batch_stats"]["var"]), atol=1e-5)
+    # and the single-batch update is torch's: 0.9 * 1 + 0.1 * unbiased variance.
+    unbiased = np.var(np.asarray(whole).reshape(-1, 5), axis=0, ddof=1)
+    np.testing.assert_allclose(np.asarray(upd_ref["batch_stats"]["var"]), 0.9 + 0.1 * unbiased,
+                               rtol=1e-5)

@@ -5,6 +5,12 @@ written by ``safetensors.torch``, zip ``.pth`` written by ``torch.save``) and ar
 torch-free; logits must agree to 1e-4 in float32.
 """
 
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import jax
@@ -200,3 +206,21 @@ def test_batchnorm_across_devices_equals_one_big_batch():
     unbiased = np.var(np.asarray(whole).reshape(-1, 5), axis=0, ddof=1)
     np.testing.assert_allclose(np.asarray(upd_ref["batch_stats"]["var"]), 0.9 + 0.1 * unbiased,
                                rtol=1e-5)
+
+
+def test_loading_does_not_import_torch(resnet18_file, tmp_path):
+    net, path = resnet18_file
+    pth = tmp_path / "r18.pth"
+    torch.save(net.state_dict(), pth)
+    code = textwrap.dedent(f"""
+        import sys, importlib.util
+        import fpbma.models as M
+        M.from_pretrained("resnet18", {str(path)!r})
+        if importlib.util.find_spec("fpbma.models.torch_pickle"):
+            M.from_pretrained("resnet18", {str(pth)!r})
+        assert "torch" not in sys.modules, "loading imported torch"
+    """)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            cwd=str(pathlib.Path(M.__file__).parents[2]))
+    assert result.returncode == 0, result.stderr[-2000:]

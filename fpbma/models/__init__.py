@@ -3,13 +3,13 @@
 Entry points (DESIGN §3)::
 
     model, variables = fpbma.models.create("resnet20", 10, key=key)
-    model, variables = fpbma.models.from_pretrained("resnet50", "resnet50.safetensors", num_classes=10)
+    model, variables = fpbma.models.from_pretrained("resnet50", "r50.safetensors", num_classes=10)
     images = fpbma.models.preprocess("resnet50", uint8_images)        # NHWC uint8 → float32
     logits = model.apply(variables, images, train=False)
     logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
 
-``variables`` is ``{"params": ..., "batch_stats": ...}`` for BatchNorm networks and ``{"params": ...}``
-for ViTs. In every model the classifier is the module ``head`` and normalisation layers carry
+``variables`` is ``{"params": ..., "batch_stats": ...}`` for BatchNorm networks and
+``{"params": ...}`` for ViTs. In every model the classifier is the module ``head`` and normalisation layers carry
 ``bn``/``norm`` in their names; :func:`fpbma.models.partition.split` returns the paper's "nl_ll"
 Bayesian subset (normalisation scales/biases + head) and the frozen rest.
 
@@ -316,6 +316,7 @@ def preprocess(name: str, uint8_images, *, image_size: int | None = None) -> jax
 
 __all__ = [
     "BatchNorm", "CheckpointMismatchError", "CifarResNet", "MODEL_NAMES", "ModelSpec", "ResNet",
-    "ViT", "checkpoints", "create", "from_pretrained", "load_pretrained", "merge", "partition", "preprocess",
+    "ViT", "checkpoints", "create", "from_pretrained", "load_pretrained", "merge", "partition",
+    "preprocess",
     "resample_pos_embed", "resnet", "restore_checkpoint", "save_checkpoint", "spec", "split", "vit",
 ]

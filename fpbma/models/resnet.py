@@ -135,7 +135,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """torchvision ResNet: stem, four stages (64/128/256/512 base widths), global mean pool, ``head``.
+    """torchvision ResNet: stem, four stages (base widths 64–512), global mean pool, ``head``.
 
     Attributes:
       stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
@@ -170,7 +170,7 @@ class ResNet(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """CIFAR ResNet-(6n+2): 3×3 stem of width w, three stages of n BasicBlocks (w, 2w, 4w), ``head``.
+    """CIFAR ResNet-(6n+2): 3×3 stem of width w, stages of n BasicBlocks (w, 2w, 4w), ``head``.
 
     Shortcuts that change shape are 1×1 projections with BatchNorm (He et al. option B).
 

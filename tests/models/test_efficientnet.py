@@ -250,3 +250,20 @@ def test_preprocess_matches_pil_bicubic(crop_padding):
     batched = E.preprocess_efficientnet_lite0(np.stack([image, image]), size=size,
                                               crop_padding=crop_padding)
     assert batched.shape == (2, size, size, 3)
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (5, 1), (5, 2)])
+def test_depthwise_conv_equals_grouped_conv(kernel, stride):
+    # Reference: XLA's grouped convolution with TF-SAME padding (odd sizes exercise the
+    # asymmetric padding), same init, values and gradients.
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 9, 12, 6)), jnp.float32)
+    ours = E.DepthwiseConv(kernel, stride)
+    ref = nn.Conv(6, (kernel, kernel), strides=stride, padding="SAME", feature_group_count=6,
+                  use_bias=False)
+    key = jax.random.PRNGKey(5)
+    params = ours.init(key, x)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, ref.init(key, x))
+    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), atol=1e-5)
+    g_ours = jax.grad(lambda p, x: jnp.sum(ours.apply(p, x) ** 2), argnums=(0, 1))(params, x)
+    g_ref = jax.grad(lambda p, x: jnp.sum(ref.apply(p, x) ** 2), argnums=(0, 1))(params, x)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), g_ours, g_ref)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

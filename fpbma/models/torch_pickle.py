@@ -109,7 +109,17 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
     """The checkpoint references a global outside the tensor/OrderedDict allow-list."""
 
 
-class _StorageType:
+class _StandIn:
+    """Base of the local stand-ins: the pickle may not set their attributes (BUILD)."""
+
+    def __setstate__(self, state):
+        raise UnsafeCheckpointError(
+            f"checkpoint tries to set the state of a {type(self).__name__.strip('_')} (pickle "
+            "BUILD opcode); torch.save never does this, the file is malformed or malicious"
+        )
+
+
+class _StorageType(_StandIn):
     """Stand-in for ``torch.<X>Storage``: only carries the element dtype."""
 
     def __init__(self, name: str, dtype: np.dtype):
@@ -122,14 +132,14 @@ class _StorageType:
         )
 
 
-class _TorchDtype:
+class _TorchDtype(_StandIn):
     """Stand-in for a ``torch.<dtype>`` object."""
 
     def __init__(self, name: str, dtype: np.dtype):
         self.name, self.dtype = name, dtype
 
 
-class _Storage:
+class _Storage(_StandIn):
     """A flat storage whose bytes may be filled in after unpickling (legacy layout)."""
 
     def __init__(self, key: str, dtype: np.dtype, numel: int):
@@ -137,7 +147,7 @@ class _Storage:
         self.data: np.ndarray | None = None  # flat, native byte order, set by the reader
 
 
-class _TensorRef:
+class _TensorRef(_StandIn):
     """A tensor described during unpickling and materialised once storages are read."""
 
     def __init__(self, storage, offset, size, stride, dtype=None):
@@ -182,7 +192,7 @@ class _TensorRef:
         return np.array(view, copy=True, order="C")
 
 
-class _StorageView:
+class _StorageView(_StandIn):
     """Legacy storage view ``root[offset : offset + size]`` (pre-1.0 files)."""
 
     def __init__(self, root: _Storage, offset: int, size: int):

@@ -194,3 +194,16 @@ def test_not_a_checkpoint(tmp_path):
         torch_pickle.load_state_dict(path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         torch_pickle.load_state_dict(tmp_path / "missing.pth")
+
+
+def test_state_of_rebuilt_objects_cannot_be_overwritten(tmp_path):
+    # Hand-written data.pkl: a storage persistent id followed by BUILD {"data": "x"}, which
+    # would overwrite the reader's storage object (torch.save never emits this).
+    pkl = (b"\x80\x02(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000"
+           b"X\x03\x00\x00\x00cpuK\x01tQ}X\x04\x00\x00\x00dataX\x01\x00\x00\x00xsb.")
+    path = tmp_path / "build.pth"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/data/0", np.float32(1.0).tobytes())
+    with pytest.raises(torch_pickle.UnsafeCheckpointError, match="BUILD"):
+        torch_pickle.load_checkpoint(path)

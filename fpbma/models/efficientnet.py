@@ -292,8 +292,8 @@ def load_efficientnet_lite0(
         ``head_zeroinit``; its gradient is non-zero, so it trains).
 
     Returns:
-      ``{"params": ..., "batch_stats": ...}`` for ``EfficientNetLite0(num_classes)`` (numpy-backed
-      jax arrays, float32).
+      ``{"params": ..., "batch_stats": ...}`` for ``EfficientNetLite0(num_classes)`` (float32
+      jax arrays).
 
     Raises:
       ModuleNotFoundError: ``path=None`` and the weights package is not installed.

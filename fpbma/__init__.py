@@ -33,3 +33,4 @@ from fpbma.transforms import (
 __version__ = "0.1.0"
 
 from fpbma import baselines, metrics  # noqa: E402  (subpackages that build on the core above)
+from fpbma import models  # noqa: E402

@@ -1,0 +1,700 @@
+"""The stages of the Bayesian transfer pipeline, shared by the experiment entry points.
+
+Stages and what each caches in the work dir (``config.workdir``):
+
+* ``data/`` — the prepared arrays (source train split, few-shot target train/validation, target test
+  split, the corrupted test images), one ``.npz`` per dataset and setting;
+* ``source-<hash>/`` — pre-training checkpoints (orbax, every ``checkpoint_every`` steps, the latest
+  kept) and ``final``;
+* ``prior-<hash>/`` — the SWAG prior (a :class:`fpbma.LowRankGaussian`) fitted along SGD on the source;
+* ``seed<s>/<method>-<hash>/`` — the train state of one method (checkpoints and ``final``) and its
+  evaluation ``metrics.json``.
+
+``<hash>`` digests the config fields a stage depends on, so a changed config never reuses a stale
+stage. Per-step randomness is ``fold_in(key, step)`` and the data order of epoch e is
+``np.random.default_rng([seed, e])``, so a run killed at any point and restarted finishes with the same
+result as an uninterrupted one.
+
+References:
+  Lim et al., "Flat Posterior Does Matter For Bayesian Model Averaging", arXiv:2406.15664, §4–5.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.tree_util import Partial
+
+from fpbma import transfer
+from fpbma.baselines import METHODS
+from fpbma.models import partition
+from fpbma.models.checkpoints import restore_checkpoint, save_checkpoint
+
+PyTree = Any
+
+# ----------------------------------------------------------------------------------------------
+# Validation: every error is raised before any work or file write.
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field and the fix."""
+
+
+def _check_positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"config.{name}={value!r} must be a positive integer.")
+
+
+def methods_of(config, stage: str) -> tuple:
+    if stage in ("train", "evaluate"):
+        return (config.method,)
+    methods = config.methods
+    if isinstance(methods, str):
+        methods = tuple(m.strip() for m in methods.split(",") if m.strip())
+    return tuple(methods)
+
+
+def seeds_of(config, stage: str) -> tuple:
+    if stage in ("train", "evaluate"):
+        return (int(config.seed),)
+    seeds = config.seeds
+    if isinstance(seeds, (int, np.integer)):
+        seeds = (seeds,)
+    if isinstance(seeds, str):
+        seeds = tuple(int(s) for s in seeds.split(",") if s.strip())
+    return tuple(int(s) for s in seeds)
+
+
+def corruptions_of(config) -> tuple:
+    from fpbma.data import corruptions
+
+    spec = config.eval.corruptions
+    if spec in ("none", "", None):
+        return ()
+    if spec == "all":
+        return tuple(corruptions.CORRUPTIONS)
+    names = tuple(s.strip() for s in spec.split(",") if s.strip())
+    unknown = [n for n in names if n not in corruptions.CORRUPTIONS]
+    if unknown:
+        raise ConfigError(f"config.eval.corruptions has unknown corruption(s) {unknown}; choose from "
+                          f"{list(corruptions.CORRUPTIONS)}, 'all' or 'none'.")
+    return names
+
+
+def validate(config, stage: str) -> None:
+    """Checks a config for ``stage`` ∈ {pretrain, prior, train, evaluate, transfer}; raises ConfigError."""
+    methods = methods_of(config, stage)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"unknown method(s) {unknown or methods}; choose from {sorted(METHODS)} "
+                          "(e.g. --config.method=fpbma or --config.methods=fpbma,sgd).")
+    if not (isinstance(config.rho, (int, float)) and math.isfinite(config.rho) and config.rho >= 0):
+        raise ConfigError(f"config.rho={config.rho!r} must be a finite number >= 0 (the KL-ball radius).")
+    if config.transfer.scheme not in partition.SCHEMES:
+        raise ConfigError(f"config.transfer.scheme={config.transfer.scheme!r}; choose one of {partition.SCHEMES}.")
+    if not config.transfer.alpha > 0:
+        raise ConfigError(f"config.transfer.alpha={config.transfer.alpha!r} must be > 0 (new head variance).")
+    if not config.prior.min_var > 0:
+        raise ConfigError(f"config.prior.min_var={config.prior.min_var!r} must be > 0.")
+    for name in ("pretrain.steps", "prior.steps", "transfer.steps", "pretrain.batch_size", "prior.batch_size",
+                 "transfer.batch_size", "eval.num_samples", "eval.corruption_num_samples", "checkpoint_every",
+                 "data.k_shot", "prior.rank", "prior.collect_every"):
+        section, field = name.split(".") if "." in name else (None, name)
+        _check_positive_int(config[section][field] if section else config[field], name)
+    if config.prior.rank < 2:
+        raise ConfigError(f"config.prior.rank={config.prior.rank} must be >= 2 (SWAG's 1/(K-1)).")
+    if config.prior.steps < 2 * config.prior.collect_every:
+        raise ConfigError(f"config.prior.steps={config.prior.steps} collects fewer than 2 SWAG models with "
+                          f"collect_every={config.prior.collect_every}; raise steps or lower collect_every.")
+    if any(int(s) not in (1, 2, 3, 4, 5) for s in config.eval.severities):
+        raise ConfigError(f"config.eval.severities={tuple(config.eval.severities)} must lie in 1..5.")
+    corruptions_of(config)
+    seeds_of(config, stage)
+    for m in methods:
+        if m in ("sgld", "emcmc") and config.transfer.steps < 4:
+            raise ConfigError(f"method {m!r} needs config.transfer.steps >= 4 (one per cosine cycle).")
+    if stage in ("train", "evaluate", "transfer"):
+        counts = target_class_counts(config)
+        k = int(config.data.k_shot)
+        # k training + k validation examples per class (temperature scaling needs the validation split).
+        if counts.min() < 2 * k:
+            c = int(np.argmin(counts))
+            raise ConfigError(f"config.data.k_shot={k} is too large: class {c} of {config.data.target!r} has "
+                              f"{int(counts[c])} training examples, fewer than k training + k validation "
+                              f"= {2 * k}. Use --config.data.k_shot <= {int(counts.min()) // 2}.")
+    if stage in ("prior",) and not os.path.isdir(os.path.join(stage_dir(config, "source"), "final")):
+        raise ConfigError(f"missing pre-trained source checkpoint {stage_dir(config, 'source')}/final; run "
+                          "`python -m experiments.pretrain` with the same config first.")
+    if stage in ("train",) and not os.path.isdir(os.path.join(stage_dir(config, "prior"), "final")):
+        raise ConfigError(f"missing prior checkpoint {stage_dir(config, 'prior')}/final; run "
+                          "`python -m experiments.prior` (after `experiments.pretrain`) with the same config first.")
+    if stage == "evaluate":
+        path = os.path.join(method_dir(config, config.method, int(config.seed)), "final")
+        if not os.path.isdir(path):
+            raise ConfigError(f"missing checkpoint {path}; run `python -m experiments.train "
+                              f"--config.method={config.method}` with the same config first.")
+
+
+def target_class_counts(config) -> np.ndarray:
+    import fpbma.data
+
+    src = fpbma.data.load(config.data.target, "train", data_dir=config.data.data_dir)
+    return np.bincount(np.asarray(src.labels), minlength=src.info.num_classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Work-dir layout.
+
+
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _section(config, *names) -> dict:
+    return {n: config[n].to_dict() if hasattr(config[n], "to_dict") else config[n] for n in names}
+
+
+def stage_dir(config, stage: str) -> str:
+    base = {"seed": int(config.seed), "data": {k: config.data[k] for k in ("source", "image_size")},
+            **_section(config, "model", "pretrain")}
+    if stage == "source":
+        return os.path.join(config.workdir, f"source-{_digest(base)}")
+    if stage == "prior":
+        return os.path.join(config.workdir, f"prior-{_digest({**base, 'prior': config.prior.to_dict()})}")
+    raise ValueError(stage)
+
+
+def method_hash(config, method: str) -> str:
+    return _digest({"prior": stage_dir(config, "prior"), "transfer": config.transfer.to_dict(),
+                    "target": config.data.target, "k": config.data.k_shot,
+                    "rho": config.rho if method in ("fpbma", "sam", "fswag", "bsam") else None})
+
+
+def method_dir(config, method: str, seed: int) -> str:
+    return os.path.join(config.workdir, f"seed{seed}", f"{method}-{method_hash(config, method)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress bars.
+
+
+@contextlib.contextmanager
+def progress_bar(config, total: int, desc: str, initial: int = 0):
+    if not config.progress:
+        yield lambda n=1: None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, initial=initial, leave=False, dynamic_ncols=True)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data.
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+    if images.shape[1:3] == (size, size):
+        return images
+    x = jax.image.resize(jnp.asarray(images, jnp.float32), (images.shape[0], size, size, images.shape[-1]),
+                         "bilinear", antialias=True)
+    return np.asarray(jnp.clip(jnp.round(x), 0, 255)).astype(np.uint8)
+
+
+def _arrays(src) -> tuple[np.ndarray, np.ndarray]:
+    examples = src.get_batch(list(range(len(src))))
+    return (np.stack([np.asarray(e["image"]) for e in examples]).astype(np.uint8),
+            np.asarray([e["label"] for e in examples], np.int32))
+
+
+def normalise(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, C) → float32 in [−1, 1]."""
+    return (np.asarray(images, np.float32) / 255.0 - 0.5) / 0.5
+
+
+def _cached(path: str, build: Callable[[], dict]) -> dict:
+    if os.path.exists(path):
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    arrays = build()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return arrays
+
+
+def source_data(config) -> dict:
+    import fpbma.data
+
+    size = int(config.data.image_size)
+    kwargs = {"source_dir": config.data.source_dir} if config.data.source_dir else None
+
+    def build():
+        x, y = _arrays(fpbma.data.load(config.data.source, "train", data_dir=config.data.data_dir,
+                                       builder_kwargs=kwargs))
+        return {"image": _resize(x, size), "label": y}
+
+    return _cached(os.path.join(config.workdir, "data", f"{config.data.source}-train-{size}px.npz"), build)
+
+
+def target_data(config, seed: int) -> dict:
+    """Few-shot train/validation (k per class each, by ``seed``) and the whole test split, resized."""
+    import fpbma.data
+
+    size, k = int(config.data.image_size), int(config.data.k_shot)
+
+    def build():
+        train_src = fpbma.data.load(config.data.target, "train", data_dir=config.data.data_dir)
+        split = fpbma.data.few_shot_split(train_src, k, seed, val_per_class=k)
+        x, y = _arrays(train_src)
+        xt, yt = _arrays(fpbma.data.load(config.data.target, "test", data_dir=config.data.data_dir))
+        return {"train_image": _resize(x[split.train], size), "train_label": y[split.train],
+                "val_image": _resize(x[split.validation], size), "val_label": y[split.validation],
+                "test_image": _resize(xt, size), "test_label": yt, "test_raw": xt}
+
+    return _cached(os.path.join(config.workdir, "data", f"{config.data.target}-{k}shot-seed{seed}-{size}px.npz"),
+                   build)
+
+
+def corruption_subset(labels: np.ndarray, per_class: int) -> np.ndarray:
+    """A fixed stratified subset of test positions: the first ``per_class`` of every class (0: all)."""
+    if per_class <= 0:
+        return np.arange(labels.shape[0])
+    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)]))
+
+
+def corrupted_data(config, test_raw: np.ndarray, test_label: np.ndarray) -> dict:
+    """Corrupted copies of the test subset: rows equal those of ``<target>_corrupted/<c>_<s>`` (same seed)."""
+    from fpbma.data import corruptions, shifted
+
+    size, per_class = int(config.data.image_size), int(config.eval.corruption_per_class)
+    names, severities = corruptions_of(config), tuple(int(s) for s in config.eval.severities)
+    idx = corruption_subset(test_label, per_class)
+    key = _digest([names, severities, per_class, size, config.data.target])
+
+    def build():
+        out = {"index": idx, "label": test_label[idx]}
+        with progress_bar(config, len(names) * len(severities), "corrupting test images") as tick:
+            for name in names:
+                for s in severities:
+                    bad = corruptions.corrupt(test_raw[idx], name, s, shifted.SEED, indices=idx)
+                    out[f"{name}_{s}"] = _resize(bad, size)
+                    tick()
+        return out
+
+    return _cached(os.path.join(config.workdir, "data", f"{config.data.target}-corrupted-{key}.npz"), build)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models.
+
+_APPLY_CACHE: dict = {}
+
+
+def build_model(config, num_classes: int, in_channels: int):
+    """``(model, variables)`` for ``config.model`` (a compact CifarResNet or a name of fpbma.models)."""
+    import fpbma.models
+    from fpbma.models.resnet import CifarResNet
+
+    key = jax.random.PRNGKey(int(config.seed))
+    if config.model.name == "cifar_resnet":
+        model = CifarResNet(int(config.model.num_blocks), int(num_classes), int(config.model.width))
+        size = int(config.data.image_size)
+        variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, size, size, in_channels)), train=False))(key)
+        return model, dict(variables)
+    return fpbma.models.create(config.model.name, num_classes, key=key)
+
+
+def eval_apply(model) -> Partial:
+    """``(variables, images) -> logits`` in eval mode, one function object per model (one compilation)."""
+    if model not in _APPLY_CACHE:
+        _APPLY_CACHE[model] = Partial(lambda variables, x: model.apply(variables, x, train=False))
+    return _APPLY_CACHE[model]
+
+
+# ----------------------------------------------------------------------------------------------
+# Resumable training loop.
+
+
+def _checkpoints(directory: str) -> list[int]:
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(d[5:]) for d in os.listdir(directory) if d.startswith("step_") and d[5:].isdigit())
+
+
+def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Indices of the mini-batch of ``step``: epoch e = step // (N // B) is ``default_rng([seed, e])``'s permutation."""
+    per_epoch = max(num_examples // batch_size, 1)
+    epoch, b = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    return order[b * batch_size:(b + 1) * batch_size]
+
+
+def run_loop(config, directory: str, init_state, step_fn, data: dict, *, num_steps: int, batch_size: int,
+             seed: int, desc: str):
+    """Runs ``step_fn(state, batch, fold_in(key, t))`` for t = t₀ … num_steps − 1, resuming from the latest checkpoint.
+
+    Returns:
+      ``(state, finished)``; ``finished`` is False when ``config.max_steps`` stopped the run early.
+    """
+    os.makedirs(directory, exist_ok=True)
+    done = _checkpoints(directory)
+    state, start = init_state, 0
+    if done:
+        start = done[-1]
+        state = restore_checkpoint(os.path.join(directory, f"step_{start}"), like=init_state)
+    key = jax.random.PRNGKey(seed)
+    step = jax.jit(step_fn)
+    n = next(iter(data.values())).shape[0]
+    batch_size = min(batch_size, n)
+    every = int(config.checkpoint_every)
+    with progress_bar(config, num_steps, desc, initial=start) as tick:
+        for t in range(start, num_steps):
+            if config.max_steps >= 0 and t >= config.max_steps:
+                return state, False
+            idx = batch_indices(n, batch_size, seed, t)
+            state = step(state, {k: v[idx] for k, v in data.items()}, jax.random.fold_in(key, t))
+            if (t + 1) % every == 0 or t + 1 == num_steps:
+                save_checkpoint(os.path.join(directory, f"step_{t + 1}"), state, overwrite=True)
+                for old in _checkpoints(directory)[:-1]:
+                    shutil.rmtree(os.path.join(directory, f"step_{old}"), ignore_errors=True)
+            tick()
+    return state, True
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: pre-training on the source.
+
+
+def pretrain(config) -> dict:
+    """Trains the network on the source data (SGD, BatchNorm in train mode); returns its variables."""
+    directory = stage_dir(config, "source")
+    final = os.path.join(directory, "final")
+    data = source_data(config)
+    num_classes = int(data["label"].max()) + 1
+    model, variables = build_model(config, num_classes, data["image"].shape[-1])
+    if os.path.isdir(final):
+        return restore_checkpoint(final, like=variables)
+    c = config.pretrain
+    tx = optax.chain(optax.add_decayed_weights(c.weight_decay),
+                     optax.sgd(optax.cosine_decay_schedule(c.learning_rate, c.steps), momentum=c.momentum))
+
+    def step(state, batch, key):
+        del key
+
+        def loss(p):
+            logits, updates = model.apply({"params": p, "batch_stats": state["batch_stats"]},
+                                          batch["image"], train=True, mutable=["batch_stats"])
+            return transfer._cross_entropy(logits, batch["label"]), updates["batch_stats"]
+
+        grads, stats = jax.grad(loss, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+                "batch_stats": stats, "opt_state": opt_state}
+
+    init = {"step": jnp.zeros([], jnp.int32), "params": variables["params"],
+            "batch_stats": variables["batch_stats"], "opt_state": tx.init(variables["params"])}
+    images = normalise(data["image"])
+    state, finished = run_loop(config, directory, init, step, {"image": images, "label": data["label"]},
+                               num_steps=c.steps, batch_size=c.batch_size, seed=int(config.seed),
+                               desc="pre-train source")
+    out = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    if finished:
+        save_checkpoint(final, out, overwrite=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: the SWAG prior.
+
+
+def fit_prior(config, source_variables=None):
+    """The SWAG prior over the non-head weights, fitted along SGD on the source data (cached)."""
+    directory = stage_dir(config, "prior")
+    final = os.path.join(directory, "final")
+    data = source_data(config)
+    num_classes = int(data["label"].max()) + 1
+    model, variables = build_model(config, num_classes, data["image"].shape[-1])
+    body, _ = transfer._split_head(variables["params"])
+    rank = int(config.prior.rank)
+    from fpbma import posterior as post
+    like = post.LowRankGaussian(body, body, jax.tree.map(lambda x: jnp.zeros((rank,) + x.shape, x.dtype), body))
+    if os.path.isdir(final):
+        return restore_checkpoint(final, like=like)
+    if source_variables is None:
+        source_variables = restore_checkpoint(os.path.join(stage_dir(config, "source"), "final"), like=variables)
+    stats = source_variables["batch_stats"]
+    images = normalise(data["image"])
+
+    def loss(p, batch):
+        logits = model.apply({"params": p, "batch_stats": stats}, batch[0], train=False)
+        return transfer._cross_entropy(logits, batch[1])
+
+    c = config.prior
+    seed = int(config.seed) + 1
+    batches = ((images[i], data["label"][i]) for i in
+               (batch_indices(images.shape[0], c.batch_size, seed, t) for t in range(c.steps)))
+    with progress_bar(config, c.steps, "SWAG prior") as tick:
+        prior = transfer.fit_swag_prior(loss, source_variables["params"], batches, learning_rate=c.learning_rate,
+                                        rank=rank, collect_every=c.collect_every, min_var=c.min_var,
+                                        progress=lambda i: tick())
+    save_checkpoint(final, prior, overwrite=True)
+    return prior
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 3: one method on the target.
+
+
+def method_hyperparameters(config, method: str) -> dict:
+    if method in ("fpbma", "sam", "fswag", "bsam"):
+        return {"rho": float(config.rho)}
+    return {}
+
+
+def setup_transfer(config, seed: int, prior=None, source_variables=None):
+    """The target data, model, source BatchNorm statistics and :class:`fpbma.transfer.TransferScheme`."""
+    data = target_data(config, seed)
+    num_classes = int(max(data["train_label"].max(), data["test_label"].max())) + 1
+    model, variables = build_model(config, num_classes, data["train_image"].shape[-1])
+    src = source_data(config)
+    src_model, src_vars = build_model(config, int(src["label"].max()) + 1, src["image"].shape[-1])
+    if source_variables is None:
+        source_variables = restore_checkpoint(os.path.join(stage_dir(config, "source"), "final"), like=src_vars)
+    if prior is None:
+        prior = fit_prior(config, source_variables)
+    scheme = transfer.make_scheme(prior, variables["params"], config.transfer.scheme, config.transfer.alpha)
+    extra = {"batch_stats": source_variables["batch_stats"]}
+    return data, model, extra, scheme
+
+
+def make_method_trainer(config, method, model, extra, scheme, data):
+    apply = eval_apply(model)
+    x, y = normalise(data["train_image"]), data["train_label"]
+    return transfer.make_trainer(
+        method, scheme, lambda p, im: apply({**extra, "params": p}, im), num_data=x.shape[0],
+        num_steps=int(config.transfer.steps), learning_rate=float(config.transfer.learning_rate),
+        kl_weight=float(config.transfer.kl_weight), sample_frozen_weights=bool(config.transfer.sample_frozen),
+        features_fn=lambda p, im: transfer.head_features(model, {**extra, "params": p}, im),
+        train_data=(x, y), hyperparameters=method_hyperparameters(config, method))
+
+
+def train_method(config, method: str, seed: int, setup=None):
+    """Trains ``method`` on the few-shot target (resumable); returns ``(posterior, state, finished)``."""
+    data, model, extra, scheme = setup or setup_transfer(config, seed)
+    trainer = make_method_trainer(config, method, model, extra, scheme, data)
+    directory = method_dir(config, method, seed)
+    final = os.path.join(directory, "final")
+    init = trainer.init()
+    if os.path.isdir(final):
+        state, finished = restore_checkpoint(final, like=init), True
+    else:
+        batch = {"image": normalise(data["train_image"]), "label": data["train_label"]}
+        state, finished = run_loop(config, directory, init, trainer.step, batch,
+                                   num_steps=int(config.transfer.steps), batch_size=int(config.transfer.batch_size),
+                                   seed=1000 * seed + 17, desc=f"train {method} (seed {seed})")
+        if finished:
+            save_checkpoint(final, state, overwrite=True)
+    return (trainer.finalize(state) if finished else None), state, finished
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 4: BMA evaluation.
+
+
+def _predict(config, apply, sampler, images, key, num_samples):
+    from fpbma import bma
+
+    bs = int(config.eval.batch_size)
+    out = []
+    for start in range(0, images.shape[0], bs):
+        x = images[start:start + bs]
+        mask = np.zeros(bs, bool)
+        mask[:x.shape[0]] = True
+        if x.shape[0] < bs:  # pad to one shape: one compilation for every batch
+            x = np.concatenate([x, np.zeros((bs - x.shape[0],) + x.shape[1:], x.dtype)])
+        out.append(np.asarray(bma.predict(apply, sampler, x, key=key, num_samples=num_samples,
+                                          chunk_size=min(int(config.eval.chunk_size), num_samples), mask=mask)))
+    return np.concatenate(out)
+
+
+def _metrics(log_probs, labels, temperature) -> dict:
+    from fpbma import bma, calibration
+
+    return {"raw": bma.evaluate(log_probs, labels),
+            "ts": bma.evaluate(calibration.apply_temperature(log_probs, temperature), labels)}
+
+
+def evaluate_method(config, method: str, seed: int, posterior, setup, corrupted=None) -> dict:
+    """BMA metrics of a trained method: in-domain (raw and temperature-scaled) and per corruption × severity."""
+    from fpbma import calibration
+
+    data, model, extra, scheme = setup
+    apply = eval_apply(model)
+    sampler = transfer.sample_weights(scheme, posterior, extra, bool(config.transfer.sample_frozen))
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 99)
+    s = int(config.eval.num_samples)
+    val_lp = _predict(config, apply, sampler, normalise(data["val_image"]), key, s)
+    temperature = calibration.fit_temperature(val_lp, data["val_label"])
+    test_lp = _predict(config, apply, sampler, normalise(data["test_image"]), key, s)
+    result = {"temperature": float(temperature), "in_domain": _metrics(test_lp, data["test_label"], temperature)}
+    directory = method_dir(config, method, seed)
+    np.save(os.path.join(directory, "test_log_probs.npy"), test_lp)
+    if corrupted is not None:
+        names = [k for k in corrupted if k not in ("index", "label")]
+        labels = corrupted["label"]
+        images = np.concatenate([normalise(corrupted[k]) for k in names])
+        s_c = int(config.eval.corruption_num_samples)
+        # Temperature of the corruption sweep is refitted for its sample count S_c on the same validation split.
+        t_c = temperature if s_c == s else calibration.fit_temperature(
+            _predict(config, apply, sampler, normalise(data["val_image"]), key, s_c), data["val_label"])
+        lp = _predict(config, apply, sampler, images, key, s_c).reshape(len(names), labels.shape[0], -1)
+        per = {k: _metrics(lp[i], labels, t_c) for i, k in enumerate(names)}
+        result["corruptions"] = per
+        result["corruption_mean"] = {kind: {m: float(np.mean([per[k][kind][m] for k in names]))
+                                            for m in ("acc", "nll", "ece", "brier")} for kind in ("raw", "ts")}
+    with open(os.path.join(directory, "metrics.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting.
+
+
+def write_report(config, results: dict, wall_time: float) -> None:
+    """``results.json``, ``results.md`` and PNG plots in the work dir."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wd = config.workdir
+    payload = {"config": config.to_dict(), "wall_time_s": wall_time, "devices": [str(d) for d in jax.devices()],
+               "results": results}
+    with open(os.path.join(wd, "results.json"), "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+
+    def mean(method, path):
+        vals = []
+        for r in results[method].values():
+            v = r
+            for p in path:
+                v = v.get(p) if isinstance(v, dict) else None
+            if v is not None:
+                vals.append(v)
+        return np.mean(vals) if vals else float("nan")
+
+    seeds = sorted({s for r in results.values() for s in r})
+    lines = [f"Transfer {config.data.source} → {config.data.target} ({config.data.k_shot}-shot, scheme "
+             f"{config.transfer.scheme}), seeds {seeds}, wall time {wall_time / 60:.1f} min, "
+             f"S = {config.eval.num_samples} in-domain / {config.eval.corruption_num_samples} under shift.", "",
+             "| method | ACC ↑ | NLL ↓ | ECE ↓ | ACC (TS) | NLL (TS) | ECE (TS) | shift ACC ↑ | shift NLL ↓ "
+             "| shift ECE ↓ | shift NLL (TS) | shift ECE (TS) |",
+             "|---" * 12 + "|"]
+    for m in results:
+        row = [mean(m, ("in_domain", k, x)) for k in ("raw", "ts") for x in ("acc", "nll", "ece")]
+        row += [mean(m, ("corruption_mean", "raw", x)) for x in ("acc", "nll", "ece")]
+        row += [mean(m, ("corruption_mean", "ts", x)) for x in ("nll", "ece")]
+        lines.append(f"| {m} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
+    with open(os.path.join(wd, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+    from fpbma import calibration
+
+    for m in results:
+        seed = seeds[0] if seeds[0] in results[m] else next(iter(results[m]))
+        lp = np.load(os.path.join(method_dir(config, m, seed), "test_log_probs.npy"))
+        labels = target_data(config, seed)["test_label"]
+        calibration.reliability_diagram(lp, labels, os.path.join(wd, f"reliability_{m}.png"),
+                                        title=f"{m}: BMA on {config.data.target} test")
+    severities = tuple(int(s) for s in config.eval.severities)
+    if any("corruptions" in r for res in results.values() for r in res.values()):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m in results:
+            accs = [mean(m, ("in_domain", "raw", "acc"))]
+            for s in severities:
+                vals = [v["raw"]["acc"] for r in results[m].values() for k, v in r.get("corruptions", {}).items()
+                        if k.endswith(f"_{s}")]
+                accs.append(np.mean(vals) if vals else np.nan)
+            ax.plot((0,) + severities, accs, marker="o", label=m)
+        ax.set_xlabel("corruption severity (0 = clean)")
+        ax.set_ylabel("BMA accuracy (mean over corruptions)")
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(wd, "accuracy_vs_severity.png"), dpi=120)
+        plt.close(fig)
+
+
+def run_pipeline(config, stage: str = "transfer") -> dict:
+    """pretrain → prior → (train → evaluate) for every method and seed → report."""
+    validate(config, stage)
+    start = time.perf_counter()
+    source_variables = pretrain(config)
+    if not os.path.isdir(os.path.join(stage_dir(config, "source"), "final")):
+        return {}
+    prior = fit_prior(config, source_variables)
+    results: dict = {}
+    for seed in seeds_of(config, stage):
+        setup = setup_transfer(config, seed, prior, source_variables)
+        corrupted = None
+        if corruptions_of(config):
+            corrupted = corrupted_data(config, setup[0]["test_raw"], setup[0]["test_label"])
+        for method in methods_of(config, stage):
+            posterior, _, finished = train_method(config, method, seed, setup)
+            if not finished:
+                return results
+            t0 = time.perf_counter()
+            metrics = evaluate_method(config, method, seed, posterior, setup, corrupted)
+            results.setdefault(method, {})[seed] = metrics
+            ind = metrics["in_domain"]["raw"]
+            print(f"[seed {seed}] {method:8s} acc {ind['acc']:.4f} nll {ind['nll']:.4f} ece {ind['ece']:.4f} "
+                  f"(eval {time.perf_counter() - t0:.0f}s)", flush=True)
+    write_report(config, results, time.perf_counter() - start)
+    return results
+
+
+def main(stage: str, config) -> None:
+    """Entry point of ``python -m experiments.<stage>``: validates first, then runs the stage."""
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint write at INFO
+    validate(config, stage)
+    if stage == "pretrain":
+        pretrain(config)
+    elif stage == "prior":
+        fit_prior(config)
+    elif stage == "train":
+        _, state, finished = train_method(config, config.method, int(config.seed))
+        print(f"{config.method}: {int(state.step)} steps{'' if finished else ' (stopped early by max_steps)'}")
+    elif stage == "evaluate":
+        seed = int(config.seed)
+        setup = setup_transfer(config, seed)
+        posterior, _, _ = train_method(config, config.method, seed, setup)
+        corrupted = corrupted_data(config, setup[0]["test_raw"], setup[0]["test_label"]) \
+            if corruptions_of(config) else None
+        result = evaluate_method(config, config.method, seed, posterior, setup, corrupted)
+        print(json.dumps({"in_domain": result["in_domain"], "corruption_mean": result.get("corruption_mean")},
+                         indent=1))
+    elif stage == "transfer":
+        run_pipeline(config, stage)
+        with open(os.path.join(config.workdir, "results.md")) as f:
+            print(f.read())
+    else:
+        raise ValueError(f"unknown stage {stage!r}.")

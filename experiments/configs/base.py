@@ -1,0 +1,71 @@
+r"""The shared configuration of the transfer experiments (the offline MNIST → digits default).
+
+    python -m experiments.transfer --config=experiments/configs/base.py
+
+Every field can be overridden from the command line, e.g. ``--config.rho=0.1``,
+``--config.methods=fpbma,sgd``, ``--config.transfer.steps=300``.
+"""
+
+import ml_collections
+
+ALL_METHODS = ("fpbma", "sgd", "sam", "fsam", "bsam", "moped", "sgld", "emcmc", "swag", "fswag", "laplace")
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.workdir = "./workdir/transfer"
+    c.seed = 0                       # pre-training / prior seed and the seed of `train`
+    c.seeds = (0,)                   # transfer seeds of the whole pipeline (few-shot draw and training)
+    c.method = "fpbma"               # for `experiments.train` / `experiments.evaluate`
+    c.methods = ALL_METHODS          # for `experiments.transfer`
+    c.rho = 0.05                     # FP-BMA's KL-ball radius
+    c.checkpoint_every = 50          # steps between orbax checkpoints (every stage)
+    c.max_steps = -1                 # stop a training stage after this many steps (-1: run to the end)
+    c.progress = True                # tqdm bars
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "mnist"
+    c.data.target = "digits"
+    c.data.image_size = 28
+    c.data.k_shot = 10
+    c.data.data_dir = ml_collections.config_dict.placeholder(str)
+    c.data.source_dir = ml_collections.config_dict.placeholder(str)  # fashion_mnist's IDX files
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "cifar_resnet"    # CifarResNet(num_blocks, width) or a name of fpbma.models
+    c.model.num_blocks = 1
+    c.model.width = 8
+
+    c.pretrain = ml_collections.ConfigDict()
+    c.pretrain.steps = 600
+    c.pretrain.batch_size = 64
+    c.pretrain.learning_rate = 0.05
+    c.pretrain.momentum = 0.9
+    c.pretrain.weight_decay = 5e-4
+
+    c.prior = ml_collections.ConfigDict()
+    c.prior.steps = 150
+    c.prior.batch_size = 64
+    c.prior.learning_rate = 0.01
+    c.prior.rank = 5
+    c.prior.collect_every = 10
+    c.prior.min_var = 1e-3           # variance floor; bounds the prior precision (see fit_swag_prior)
+
+    c.transfer = ml_collections.ConfigDict()
+    c.transfer.scheme = "nl_ll"
+    c.transfer.alpha = 1e-4
+    c.transfer.steps = 150
+    c.transfer.batch_size = 50
+    c.transfer.learning_rate = 0.05
+    c.transfer.kl_weight = 1.0
+    c.transfer.sample_frozen = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_samples = 30
+    c.eval.chunk_size = 10
+    c.eval.batch_size = 512
+    c.eval.corruptions = "all"       # "all", "none" or a comma-separated list
+    c.eval.severities = (1, 2, 3, 4, 5)
+    c.eval.corruption_per_class = 4  # test images per class in the corruption sweep (0: whole split)
+    c.eval.corruption_num_samples = 5
+    return c

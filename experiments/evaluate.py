@@ -1,0 +1,26 @@
+r"""Stage 4: BMA evaluation of one trained method, in-domain and on every corruption × severity.
+
+    python -m experiments.evaluate                                   # the offline default config
+    python -m experiments.evaluate --config=experiments/configs/default.py --config.rho=0.1
+
+Writes into ``config.workdir`` (default ``./workdir/transfer``); a killed run resumes from its last
+checkpoint. See :mod:`experiments.common` for the stages and the work-dir layout.
+"""
+
+from __future__ import annotations
+
+from absl import app
+from ml_collections import config_flags
+
+from experiments import common
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "experiment config")
+
+
+def main(argv):
+    del argv
+    common.main("evaluate", _CONFIG.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,26 @@
+r"""The whole pipeline: pre-train, SWAG prior, then every method × seed trained, BMA-evaluated and reported.
+
+    python -m experiments.transfer                                   # the offline default config
+    python -m experiments.transfer --config=experiments/configs/default.py --config.rho=0.1
+
+Writes into ``config.workdir`` (default ``./workdir/transfer``); a killed run resumes from its last
+checkpoint. See :mod:`experiments.common` for the stages and the work-dir layout.
+"""
+
+from __future__ import annotations
+
+from absl import app
+from ml_collections import config_flags
+
+from experiments import common
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "experiment config")
+
+
+def main(argv):
+    del argv
+    common.main("transfer", _CONFIG.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

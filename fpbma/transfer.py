@@ -1,0 +1,570 @@
+"""Bayesian transfer learning (DESIGN §4): SWAG prior → Bayesian subset → any method → BMA sampler.
+
+The scheme of Lim et al. (arXiv 2406.15664, §4):
+
+1. a pre-trained network with weights w₀ (all parameters but the classifier ``head``);
+2. a SWAG prior p(w) = N(w̄, ½(diag σ² + D Dᵀ/(K − 1))) over those weights, collected along SGD on
+   the source data (:func:`fit_swag_prior`, a :class:`fpbma.LowRankGaussian`);
+3. a Bayesian subset S chosen by a partition scheme of :mod:`fpbma.models.partition` (``"nl_ll"``:
+   normalisation layers + head, the default; ``"last_layer"``; ``"full"``); every other weight is
+   *frozen*: not trained, but still drawn from the prior's marginal at every forward pass and in BMA;
+4. q initialised from the prior restricted to S — restricting the leaves of a LowRankGaussian gives its
+   exact marginal, N(w̄_S, ½(diag σ_S² + D_S D_Sᵀ/(K − 1))) — except the *new* head, which gets mean 0,
+   variance α (log σ = ½ log α) and zero low-rank columns;
+5. training with any method of :data:`fpbma.baselines.METHODS` (FP-BMA by default) on S, with the
+   per-example loss E_q[ℓ(w_S, w_F)] + β KL(q_{S∖head} ‖ p_{S∖head}) / N (the head has no informative
+   prior, so the KL covers S minus the head), w_F ~ p_F the frozen rest;
+6. BMA with a sampler ``sample_weights(key)`` that draws w_S from the trained posterior (or its
+   samples) and w_F from the prior and merges them.
+
+How each method fits the scheme (:func:`make_trainer`):
+
+* ``fpbma``: q is the LowRankGaussian of step 4, trained by :func:`fpbma.fpbma` on the loss of step 5.
+* ``moped``: q a DiagGaussian, q₀ and its prior from the prior mean (:func:`fpbma.baselines.moped_init`),
+  head as in step 4; KL to the MOPED prior over S minus the head; Adam.
+* ``sgd``, ``sam``, ``fsam``: a point estimate of w_S started at the prior mean (head 0); BMA varies
+  only the frozen weights.
+* ``bsam``: the bSAM mean started at the prior mean; the posterior is :func:`fpbma.baselines.bsam_posterior`.
+* ``swag``, ``fswag``: SWAG collected over the second half of SGD/SAM on w_S → a LowRankGaussian over S.
+* ``sgld`` (cyclical SGLD), ``emcmc``: Langevin on U(w_S) = N ℓ(w_S, w_F) − log p_{S∖head}(w_S∖head)
+  (flat prior on the head), samples collected at the end of every cycle into a fixed buffer held in the
+  state (E-MCMC keeps θ and the guide θ_a).
+* ``laplace``: the SGD point estimate, then a last-layer Laplace (GGN, prior precision by marginal
+  likelihood) over the head, with features taken at the trained subset and the prior mean of the frozen
+  weights.
+
+BatchNorm running statistics are kept from the source model and every forward pass (training and BMA)
+runs in eval mode with them; :func:`fpbma.bma.make_batchnorm_refresh` can recompute them per sample
+during BMA as an option.
+
+Every train step is a pure function ``(state, batch, key) -> state`` over explicit pytrees
+(:class:`TrainState`), so it can be jitted, checkpointed and resumed bit-identically.
+
+References:
+  Lim et al., "Flat Posterior Does Matter For Bayesian Model Averaging", arXiv:2406.15664, §4.
+  Maddox et al., "A Simple Baseline for Bayesian Uncertainty in Deep Learning", NeurIPS 2019.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+from jax.tree_util import Partial
+
+from fpbma import posterior as post
+from fpbma import transforms
+from fpbma.baselines import (METHODS, SampleSet, bsam, bsam_posterior, build, csgld, emcmc, guiding_params,
+                             is_cycle_end, moped_init, point_mass, swag_posterior)
+from fpbma.baselines.laplace import FullGaussian, fit_last_layer_laplace
+from fpbma.baselines.swag import swag
+from fpbma.baselines.sgd import sgd as _sgd
+from fpbma.models import partition
+
+PyTree = Any
+
+__all__ = [
+    "HEAD", "TransferScheme", "TrainState", "Trainer", "SubsetLaplace",
+    "fit_swag_prior", "restrict", "make_scheme", "init_posterior", "init_point", "kl_to_prior",
+    "log_prior", "sample_frozen", "frozen_mean", "full_params", "sample_subset", "sample_weights",
+    "make_trainer", "head_features",
+]
+
+HEAD = "head"
+
+# ----------------------------------------------------------------------------------------------
+# Restricting pytrees and posteriors to a set of leaf paths.
+
+
+def _flat(tree) -> dict:
+    return traverse_util.flatten_dict(dict(tree)) if tree else {}
+
+
+def _keep(tree, paths) -> dict:
+    flat = _flat(tree)
+    return traverse_util.unflatten_dict({p: flat[p] for p in flat if p in paths})
+
+
+def restrict(q, like):
+    """q restricted to the leaves whose paths occur in ``like`` (a nested dict of the same kind).
+
+    For a Gaussian this is the exact marginal: the mean, log σ and the rows of the deviation columns D of
+    those coordinates (Σ_SS = ½(diag σ_S² + D_S D_Sᵀ/(K − 1))).
+
+    Args:
+      q: a :class:`fpbma.DiagGaussian` / :class:`fpbma.LowRankGaussian`, or a plain nested dict.
+      like: nested dict whose leaf paths select the coordinates (values are ignored).
+
+    Returns:
+      The same family (or dict) over the selected leaves only.
+    """
+    paths = set(_flat(like))
+    if isinstance(q, (post.DiagGaussian, post.LowRankGaussian)):
+        return type(q)(*[_keep(field, paths) for field in q])
+    return _keep(q, paths)
+
+
+def _is_head(path) -> bool:
+    return path[0] == HEAD
+
+
+def _split_head(tree) -> tuple[dict, dict]:
+    flat = _flat(tree)
+    head = {p: v for p, v in flat.items() if _is_head(p)}
+    rest = {p: v for p, v in flat.items() if not _is_head(p)}
+    return traverse_util.unflatten_dict(rest), traverse_util.unflatten_dict(head)
+
+
+def _empty(tree) -> bool:
+    return not jax.tree_util.tree_leaves(tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# The SWAG prior.
+
+
+def fit_swag_prior(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, batches, *,
+                   learning_rate: float = 0.01, momentum: float = 0.9, rank: int = 5, collect_every: int = 10,
+                   min_var: float = 1e-6, exclude_head: bool = True, progress: Optional[Callable] = None):
+    """A SWAG prior over pre-trained weights: SGD from ``params`` over ``batches``, collecting every c steps.
+
+    Every step is θ ← SGD(θ, ∇ loss_fn(θ, batch)); models after steps c, 2c, … give the moments w̄, \\overline{w²}
+    and the last K deviations (:func:`fpbma.baselines.swag`); the prior is
+    N(w̄, ½(diag max(σ², v_min) + D Dᵀ/(K − 1))). The floor v_min keeps the prior precision bounded for
+    coordinates that barely move (the KL and SGLD gradients scale with 1/σ²).
+
+    Args:
+      loss_fn: ``(params, batch) -> scalar`` source training loss.
+      params: the pre-trained weights (``variables["params"]``).
+      batches: an iterable of batches; its length sets the number of steps (≥ 2c).
+      learning_rate, momentum: SGD hyperparameters (a small constant rate, as SWAG's).
+      rank: K ≥ 2.
+      collect_every: c ≥ 1.
+      min_var: v_min > 0.
+      exclude_head: drop the source ``head`` from the prior (the target gets a new head).
+      progress: optional callable ``(step) -> None`` called after every step (progress bars).
+
+    Returns:
+      A :class:`fpbma.LowRankGaussian` over ``params`` (without ``head`` if ``exclude_head``).
+    """
+    tx = swag(_sgd(learning_rate, momentum=momentum), swa_start=0, collect_every=collect_every,
+              max_num_models=rank)
+
+    @jax.jit
+    def step(p, state, batch):
+        updates, state = tx.update(jax.grad(loss_fn)(p, batch), state, p)
+        return optax.apply_updates(p, updates), state
+
+    p, state = params, tx.init(params)
+    for i, batch in enumerate(batches):
+        p, state = step(p, state, batch)
+        if progress is not None:
+            progress(i)
+    q = swag_posterior(state, min_var=min_var)
+    if exclude_head:
+        body, _ = _split_head(params)
+        q = restrict(q, body)
+    return q
+
+
+# ----------------------------------------------------------------------------------------------
+# The scheme.
+
+
+@flax.struct.dataclass
+class TransferScheme:
+    """The prior split by a partition scheme (a pytree; ``scheme`` and ``alpha`` are static).
+
+    Attributes:
+      prior: the SWAG prior over every non-head weight.
+      kl_prior: the prior restricted to the Bayesian subset minus the head (``{}``-valued fields if empty).
+      frozen_prior: the prior restricted to the frozen weights (empty for ``"full"``).
+      head: zeros shaped like the new head (kernel, bias).
+      scheme: ``"nl_ll"``, ``"last_layer"`` or ``"full"``.
+      alpha: α, the initial variance of the new head.
+    """
+
+    prior: post.LowRankGaussian
+    kl_prior: post.LowRankGaussian
+    frozen_prior: post.LowRankGaussian
+    head: PyTree
+    scheme: str = flax.struct.field(pytree_node=False, default="nl_ll")
+    alpha: float = flax.struct.field(pytree_node=False, default=1e-4)
+
+
+def make_scheme(prior: post.LowRankGaussian, params_like: PyTree, scheme: str = "nl_ll",
+                alpha: float = 1e-4) -> TransferScheme:
+    """Splits ``prior`` into the Bayesian subset and the frozen rest of a target network.
+
+    Args:
+      prior: the SWAG prior over the non-head weights (:func:`fit_swag_prior`).
+      params_like: the target network's ``params`` (only shapes matter; its ``head`` is the new head).
+      scheme: partition scheme, one of :data:`fpbma.models.partition.SCHEMES`.
+      alpha: α > 0, variance of the new head at initialisation.
+
+    Returns:
+      A :class:`TransferScheme`.
+    """
+    if scheme not in partition.SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; choose one of {partition.SCHEMES}.")
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha={alpha!r} must be a positive finite number (the new head's variance).")
+    body, head = _split_head(params_like)
+    if _empty(head):
+        raise ValueError("the target network has no 'head' module; the transfer scheme replaces the head.")
+    prior_paths = set(_flat(prior.mean))
+    body_paths = set(_flat(body))
+    if prior_paths != body_paths:
+        missing = sorted("/".join(p) for p in body_paths - prior_paths)[:5]
+        extra = sorted("/".join(p) for p in prior_paths - body_paths)[:5]
+        raise ValueError(f"the prior does not describe the target network's non-head weights: missing {missing}, "
+                         f"unexpected {extra}. Fit the prior on the same architecture.")
+    for path, (m, w) in {p: (_flat(prior.mean)[p], _flat(body)[p]) for p in body_paths}.items():
+        if jnp.shape(m) != jnp.shape(w):
+            raise ValueError(f"prior leaf {'/'.join(path)} has shape {jnp.shape(m)}, the network's {jnp.shape(w)}.")
+    subset, rest = partition.split(params_like, scheme)
+    subset_body, _ = _split_head(subset)
+    zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), head)
+    return TransferScheme(prior=prior, kl_prior=restrict(prior, subset_body), frozen_prior=restrict(prior, rest),
+                          head=zeros, scheme=scheme, alpha=float(alpha))
+
+
+def init_posterior(scheme: TransferScheme) -> post.LowRankGaussian:
+    """q₀ over the subset: the prior's marginal on S∖head; the head N(0, α) with zero deviation columns."""
+    kp = scheme.kl_prior
+    rank = jax.tree_util.tree_leaves(scheme.prior.cov_factor)[0].shape[0]
+    half_log_alpha = 0.5 * math.log(scheme.alpha)
+    head = post.LowRankGaussian(
+        mean=scheme.head,
+        log_std=jax.tree.map(lambda z: jnp.full_like(z, half_log_alpha), scheme.head),
+        cov_factor=jax.tree.map(lambda z: jnp.zeros((rank,) + z.shape, z.dtype), scheme.head))
+    return post.LowRankGaussian(*[partition.merge(a, b) for a, b in zip(kp, head)])
+
+
+def init_point(scheme: TransferScheme) -> PyTree:
+    """The subset's starting point for point-estimate methods: the prior mean, the head at 0."""
+    return init_posterior(scheme).mean
+
+
+def kl_to_prior(scheme: TransferScheme, q) -> jax.Array:
+    """KL(q_{S∖head} ‖ p_{S∖head}) — the head is excluded; 0 when the subset is the head only."""
+    if _empty(scheme.kl_prior.mean):
+        return jnp.zeros([], jnp.float32)
+    return post.kl_divergence(restrict(q, scheme.kl_prior.mean), scheme.kl_prior)
+
+
+def log_prior(scheme: TransferScheme, subset_weights: PyTree) -> jax.Array:
+    """log p_{S∖head}(w_{S∖head}) (the head has a flat prior); 0 for a head-only subset."""
+    if _empty(scheme.kl_prior.mean):
+        return jnp.zeros([], jnp.float32)
+    return post.log_prob(scheme.kl_prior, restrict(subset_weights, scheme.kl_prior.mean))
+
+
+def sample_frozen(scheme: TransferScheme, key: jax.Array) -> PyTree:
+    """w_F ~ p_F, the frozen weights drawn from the prior's marginal (``{}`` for the full scheme)."""
+    if _empty(scheme.frozen_prior.mean):
+        return {}
+    return post.sample(scheme.frozen_prior, key)
+
+
+def frozen_mean(scheme: TransferScheme) -> PyTree:
+    """The prior mean of the frozen weights."""
+    return scheme.frozen_prior.mean
+
+
+def full_params(subset_weights: PyTree, frozen_weights: PyTree) -> dict:
+    """The network's ``params`` from the subset and the frozen rest (:func:`fpbma.models.partition.merge`)."""
+    return partition.merge(subset_weights, frozen_weights) if frozen_weights else dict(subset_weights)
+
+
+class SubsetLaplace(NamedTuple):
+    """Last-layer Laplace within the subset: ``point`` everywhere but the head, the head ~ ``head``."""
+
+    point: PyTree
+    head: FullGaussian
+
+
+def sample_subset(posterior, key: jax.Array) -> PyTree:
+    """One draw of the subset weights from a trained method's result.
+
+    * DiagGaussian / LowRankGaussian: a sample;
+    * :class:`fpbma.baselines.SampleSet` (MCMC samples, a point mass): a uniformly random stored sample;
+    * :class:`SubsetLaplace`: the point with the head drawn from the Laplace posterior.
+    """
+    if isinstance(posterior, (post.DiagGaussian, post.LowRankGaussian)):
+        return post.sample(posterior, key)
+    if isinstance(posterior, SampleSet):
+        leaves = jax.tree_util.tree_leaves(posterior.samples)
+        i = jax.random.randint(key, (), 0, leaves[0].shape[0])
+        return jax.tree.map(lambda x: x[i], posterior.samples)
+    if isinstance(posterior, SubsetLaplace):
+        flat = _flat(posterior.point)
+        head = posterior.head.sample(key)
+        return traverse_util.unflatten_dict({**{p: v for p, v in flat.items() if not _is_head(p)},
+                                             **{(HEAD,) + p: v for p, v in _flat(head).items()}})
+    raise TypeError(f"sample_subset cannot draw from a {type(posterior).__name__}.")
+
+
+def _sample_variables(scheme, posterior, extra, key):
+    k_subset, k_frozen = jax.random.split(key)
+    return {**extra, "params": full_params(sample_subset(posterior, k_subset), sample_frozen(scheme, k_frozen))}
+
+
+def _sample_variables_frozen_mean(scheme, posterior, extra, key):
+    k_subset, _ = jax.random.split(key)
+    return {**extra, "params": full_params(sample_subset(posterior, k_subset), frozen_mean(scheme))}
+
+
+def sample_weights(scheme: TransferScheme, posterior, extra_variables: Optional[dict] = None,
+                   sample_frozen_weights: bool = True) -> Partial:
+    """``key -> variables``: w_S from ``posterior``, w_F ~ p_F, merged; for :func:`fpbma.bma.predict`.
+
+    Args:
+      scheme: the :class:`TransferScheme`.
+      posterior: a trained method's result (see :func:`sample_subset`).
+      extra_variables: other collections to pass to the model, e.g. ``{"batch_stats": ...}``.
+      sample_frozen_weights: draw frozen weights from the prior (the scheme) or use its mean.
+
+    Returns:
+      A ``jax.tree_util.Partial`` (arrays travel as arguments, so BMA compiles once).
+    """
+    fn = _sample_variables if sample_frozen_weights else _sample_variables_frozen_mean
+    return Partial(fn, scheme, posterior, dict(extra_variables or {}))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training any method on the subset.
+
+
+class TrainState(NamedTuple):
+    """Everything a train step changes; a pytree of arrays (checkpointable).
+
+    Attributes:
+      step: int32 steps taken.
+      params: the trained object (a posterior over S for fpbma/moped, the weights w_S otherwise).
+      opt_state: the optimizer state.
+      samples: collection buffer (leaves ``(M, ...)``) for sgld/emcmc, ``()`` otherwise.
+      num_collected: int32 samples written into ``samples``.
+    """
+
+    step: jax.Array
+    params: PyTree
+    opt_state: PyTree
+    samples: PyTree
+    num_collected: jax.Array
+
+
+class Trainer(NamedTuple):
+    """``init() -> TrainState``; pure ``step(state, batch, key) -> state``; ``finalize(state) -> posterior``."""
+
+    init: Callable[[], TrainState]
+    step: Callable[[TrainState, Any, jax.Array], TrainState]
+    finalize: Callable[[TrainState], Any]
+
+
+_DEFAULTS = {
+    "fpbma": dict(rho=0.05, momentum=0.9, damping=1e-3),
+    "sgd": dict(momentum=0.9),
+    "sam": dict(rho=0.05, momentum=0.9),
+    "fsam": dict(rho=0.1, eta=1.0, momentum=0.9),
+    "bsam": dict(rho=0.05),
+    "moped": dict(moped_delta=0.1),
+    "sgld": dict(n_cycle=4, exploration_ratio=0.8, temp=1.0),
+    "emcmc": dict(eta=1e-2, n_cycle=4, exploration_ratio=0.5, temp=1.0),
+    "swag": dict(momentum=0.9, collect_every=1, max_num_models=5),
+    "fswag": dict(rho=0.05, momentum=0.9, collect_every=1, max_num_models=5),
+    "laplace": dict(momentum=0.9),
+}
+
+
+def _cross_entropy(logits, labels):
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None].astype(jnp.int32), -1))
+
+
+def make_trainer(method: str, scheme: TransferScheme, apply_fn: Callable[[dict, jax.Array], jax.Array], *,
+                 num_data: int, num_steps: int, learning_rate: float, kl_weight: float = 1.0,
+                 sample_frozen_weights: bool = True, features_fn: Optional[Callable] = None,
+                 train_data: Optional[tuple] = None, hyperparameters: Optional[dict] = None) -> Trainer:
+    """A :class:`Trainer` for one method of :data:`fpbma.baselines.METHODS` on the transfer scheme.
+
+    The data term is ℓ(w) = cross-entropy of ``apply_fn(full_params(w_S, w_F), batch["image"])`` with
+    ``batch["label"]``, w_F ~ p_F drawn from the step key (the same w_F and reparameterisation noise in
+    both passes of sharpness-aware methods).
+
+    Args:
+      method: a key of :data:`fpbma.baselines.METHODS`.
+      scheme: the :class:`TransferScheme`.
+      apply_fn: ``(params, images) -> logits`` (closes over BatchNorm statistics; eval mode).
+      num_data: N, the training-set size.
+      num_steps: total steps of the run (schedules, SWAG start, SGLD cycles).
+      learning_rate: η of the method (SGLD/E-MCMC use η/N on the summed potential, i.e. η on the mean loss).
+      kl_weight: β on KL/N (fpbma, moped).
+      sample_frozen_weights: draw frozen weights from the prior at every step (the scheme) or use the mean.
+      features_fn: ``(params, images) -> head inputs``, required by ``laplace``.
+      train_data: ``(images, labels)`` of the whole training set, required by ``laplace``.
+      hyperparameters: method-specific values overriding the defaults (e.g. ``{"rho": 0.1}``).
+
+    Returns:
+      A :class:`Trainer`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}.")
+    hp = dict(_DEFAULTS[method])
+    hp.update(hyperparameters or {})
+    n = int(num_data)
+
+    def frozen_for(key):
+        return sample_frozen(scheme, key) if sample_frozen_weights else frozen_mean(scheme)
+
+    def data_loss(w_subset, w_frozen, batch):
+        return _cross_entropy(apply_fn(full_params(w_subset, w_frozen), batch["image"]), batch["label"])
+
+    def wrap(init_params, tx, loss_and_update, finalize, buffer=None):
+        def init():
+            return TrainState(jnp.zeros([], jnp.int32), init_params, tx.init(init_params),
+                              () if buffer is None else buffer, jnp.zeros([], jnp.int32))
+
+        def step(state, batch, key):
+            params, opt_state, samples, num = loss_and_update(state, batch, key)
+            return TrainState(state.step + 1, params, opt_state, samples, num)
+
+        return Trainer(init, step, finalize)
+
+    # --- variational methods: q over the subset -------------------------------------------------
+    if method in ("fpbma", "moped"):
+        if method == "fpbma":
+            q0 = init_posterior(scheme)
+            kl_fn = lambda q: kl_to_prior(scheme, q)  # noqa: E731
+            tx = transforms.fpbma(learning_rate, **hp)
+        else:
+            q_lr = init_posterior(scheme)
+            q0, p_moped = moped_init(q_lr.mean, hp.get("moped_delta", 0.1))
+            log_std = partition.merge(_split_head(q0.log_std)[0],
+                                      jax.tree.map(lambda z: jnp.full_like(z, 0.5 * math.log(scheme.alpha)),
+                                                   scheme.head))
+            q0 = post.DiagGaussian(q0.mean, log_std)
+            body = _split_head(q0.mean)[0]
+            p_body = restrict(p_moped, body)
+            kl_fn = (lambda q: jnp.zeros([], jnp.float32)) if _empty(body) else \
+                (lambda q: post.kl_divergence(restrict(q, body), p_body))  # noqa: E731
+            tx = build("moped", learning_rate=learning_rate, **hp).tx
+
+        def update(state, batch, key):
+            k_noise, k_frozen = jax.random.split(key)
+            q = state.params
+            noise = post.sample_noise(q, k_noise)
+            w_frozen = frozen_for(k_frozen)
+
+            def loss(q_):
+                expected = data_loss(post.sample_from_noise(q_, noise), w_frozen, batch)
+                return expected + kl_weight * kl_fn(q_) / n
+
+            grad_fn = jax.grad(loss)
+            updates, opt_state = optax.with_extra_args_support(tx).update(grad_fn(q), state.opt_state, q,
+                                                                           grad_fn=grad_fn)
+            return optax.apply_updates(q, updates), opt_state, state.samples, state.num_collected
+
+        return wrap(q0, tx, update, lambda s: s.params)
+
+    w0 = init_point(scheme)
+
+    def grad_point(w, w_frozen, batch):
+        return jax.grad(lambda w_: data_loss(w_, w_frozen, batch))(w)
+
+    # --- point estimates, SWAG and bSAM ------------------------------------------------------
+    if method in ("sgd", "sam", "fsam", "swag", "fswag", "laplace", "bsam"):
+        if method == "laplace":
+            tx = build("sgd", learning_rate=learning_rate, **hp)
+        elif method in ("swag", "fswag"):
+            hp.setdefault("swa_start", num_steps // 2)
+            tx = build(method, learning_rate=learning_rate, **hp)
+        elif method == "bsam":
+            tx = bsam(learning_rate, num_data=n, **hp)
+        else:
+            tx = build(method, learning_rate=learning_rate, **hp)
+        tx = optax.with_extra_args_support(tx)
+        needs_grad_fn = method in ("sam", "fsam", "fswag", "bsam")
+
+        def update(state, batch, key):
+            w_frozen = frozen_for(key)
+            grad_fn = lambda w_: grad_point(w_, w_frozen, batch)  # noqa: E731
+            g = jax.tree.map(jnp.zeros_like, state.params) if method == "bsam" else grad_fn(state.params)
+            extra = {"grad_fn": grad_fn} if needs_grad_fn else {}
+            updates, opt_state = tx.update(g, state.opt_state, state.params, **extra)
+            return optax.apply_updates(state.params, updates), opt_state, state.samples, state.num_collected
+
+        if method in ("swag", "fswag"):
+            finalize = lambda s: swag_posterior(s.opt_state)  # noqa: E731
+        elif method == "bsam":
+            finalize = lambda s: bsam_posterior(s.params, s.opt_state, n)  # noqa: E731
+        elif method == "laplace":
+            if features_fn is None or train_data is None:
+                raise ValueError("method 'laplace' needs features_fn and train_data (the features of the "
+                                 "training set at the trained subset feed the last-layer GGN).")
+
+            def finalize(s):
+                params = full_params(s.params, frozen_mean(scheme))
+                feats = features_fn(params, train_data[0])
+                fit = fit_last_layer_laplace(lambda h, f: f @ h["kernel"] + h["bias"], s.params[HEAD], feats,
+                                             jnp.asarray(train_data[1]))
+                return SubsetLaplace(point=s.params, head=fit.posterior)
+        else:
+            finalize = lambda s: point_mass(s.params)  # noqa: E731
+        return wrap(w0, tx, update, finalize)
+
+    # --- Langevin samplers -------------------------------------------------------------------
+    n_cycle = int(hp.pop("n_cycle"))
+    if method == "sgld":
+        tx = csgld(learning_rate / n, num_steps=num_steps, n_cycle=n_cycle, **hp)
+        per_cycle = 1
+    else:
+        tx = emcmc(learning_rate / n, num_steps=num_steps, n_cycle=n_cycle, **hp)
+        per_cycle = 2
+    buffer = jax.tree.map(lambda x: jnp.zeros((n_cycle * per_cycle,) + jnp.shape(x), jnp.float32), w0)
+
+    def update(state, batch, key):
+        w_frozen = frozen_for(key)
+
+        def potential(w_):
+            return n * data_loss(w_, w_frozen, batch) - log_prior(scheme, w_)
+
+        updates, opt_state = tx.update(jax.grad(potential)(state.params), state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        collect = is_cycle_end(state.step + 1, num_steps, n_cycle)
+        new = [params] if method == "sgld" else [params, guiding_params(opt_state)]
+        samples, num = state.samples, state.num_collected
+        for w in new:
+            row = jnp.minimum(num, n_cycle * per_cycle - 1)
+            samples = jax.tree.map(lambda b, x: jnp.where(collect, b.at[row].set(x), b), samples, w)
+            num = num + collect.astype(jnp.int32)
+        return params, opt_state, samples, num
+
+    def finalize(s):
+        m = int(s.num_collected)
+        if m < 1:
+            raise ValueError(f"{method} collected no samples in {int(s.step)} steps; run all {num_steps} steps.")
+        return SampleSet(jax.tree.map(lambda b: b[:m], s.samples))
+
+    return wrap(w0, tx, update, finalize, buffer)
+
+
+def head_features(model: nn.Module, variables: dict, images: jax.Array) -> jax.Array:
+    """The input of the ``head`` module (penultimate features) for ``images``, eval mode."""
+    captured = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.module.name == HEAD and context.method_name == "__call__":
+            captured.append(args[0])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        model.apply(variables, images, train=False)
+    if not captured:
+        raise ValueError("the model has no submodule named 'head' whose input could be captured.")
+    return captured[-1]

@@ -105,8 +105,8 @@ def validate(config, stage: str) -> None:
         raise ConfigError(f"config.transfer.scheme={config.transfer.scheme!r}; choose one of {partition.SCHEMES}.")
     if not config.transfer.alpha > 0:
         raise ConfigError(f"config.transfer.alpha={config.transfer.alpha!r} must be > 0 (new head variance).")
-    if not config.prior.min_var > 0:
-        raise ConfigError(f"config.prior.min_var={config.prior.min_var!r} must be > 0.")
+    if not (config.prior.min_var > 0 and config.transfer.kl_min_var > 0):
+        raise ConfigError(f"config.prior.min_var={config.prior.min_var!r} and config.transfer.kl_min_var={config.transfer.kl_min_var!r} must be > 0.")
     for name in ("pretrain.steps", "prior.steps", "transfer.steps", "pretrain.batch_size", "prior.batch_size",
                  "transfer.batch_size", "eval.num_samples", "eval.corruption_num_samples", "checkpoint_every",
                  "data.k_shot", "prior.rank", "prior.collect_every"):
@@ -442,7 +442,9 @@ def fit_prior(config, source_variables=None):
     images = normalise(data["image"])
 
     def loss(p, batch):
-        logits = model.apply({"params": p, "batch_stats": stats}, batch[0], train=False)
+        # SWAG follows the source training: BatchNorm in train mode (batch statistics); the running
+        # statistics are not updated, the source ones are kept for the target (module docstring).
+        logits, _ = model.apply({"params": p, "batch_stats": stats}, batch[0], train=True, mutable=["batch_stats"])
         return transfer._cross_entropy(logits, batch[1])
 
     c = config.prior
@@ -478,7 +480,8 @@ def setup_transfer(config, seed: int, prior=None, source_variables=None):
         source_variables = restore_checkpoint(os.path.join(stage_dir(config, "source"), "final"), like=src_vars)
     if prior is None:
         prior = fit_prior(config, source_variables)
-    scheme = transfer.make_scheme(prior, variables["params"], config.transfer.scheme, config.transfer.alpha)
+    scheme = transfer.make_scheme(prior, variables["params"], config.transfer.scheme, config.transfer.alpha,
+                                  kl_min_var=config.transfer.kl_min_var)
     extra = {"batch_stats": source_variables["batch_stats"]}
     return data, model, extra, scheme
 

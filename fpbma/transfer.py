@@ -199,7 +199,7 @@ class TransferScheme:
 
 
 def make_scheme(prior: post.LowRankGaussian, params_like: PyTree, scheme: str = "nl_ll",
-                alpha: float = 1e-4) -> TransferScheme:
+                alpha: float = 1e-4, kl_min_var: Optional[float] = None) -> TransferScheme:
     """Splits ``prior`` into the Bayesian subset and the frozen rest of a target network.
 
     Args:
@@ -207,6 +207,11 @@ def make_scheme(prior: post.LowRankGaussian, params_like: PyTree, scheme: str = 
       params_like: the target network's ``params`` (only shapes matter; its ``head`` is the new head).
       scheme: partition scheme, one of :data:`fpbma.models.partition.SCHEMES`.
       alpha: α > 0, variance of the new head at initialisation.
+      kl_min_var: optional floor v_min on the diagonal variances σ² of the prior over the trained subset
+        (the KL term, the SGLD prior and q's initialisation use it). SWAG variances of a converged network
+        can be ~1e-8, which makes the KL gradient Σ_p⁻¹(μ_q − μ_p)/N too stiff for a first-order optimizer
+        (stable only while η·β·2/(v_min·N) ≲ 2(1 + momentum)); frozen weights are still drawn from the
+        unfloored prior.
 
     Returns:
       A :class:`TransferScheme`.
@@ -231,7 +236,13 @@ def make_scheme(prior: post.LowRankGaussian, params_like: PyTree, scheme: str = 
     subset, rest = partition.split(params_like, scheme)
     subset_body, _ = _split_head(subset)
     zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), head)
-    return TransferScheme(prior=prior, kl_prior=restrict(prior, subset_body), frozen_prior=restrict(prior, rest),
+    kl_prior = restrict(prior, subset_body)
+    if kl_min_var is not None:
+        if not (isinstance(kl_min_var, (int, float)) and kl_min_var > 0):
+            raise ValueError(f"kl_min_var={kl_min_var!r} must be a positive number or None.")
+        floor = 0.5 * math.log(kl_min_var)
+        kl_prior = kl_prior._replace(log_std=jax.tree.map(lambda x: jnp.maximum(x, floor), kl_prior.log_std))
+    return TransferScheme(prior=prior, kl_prior=kl_prior, frozen_prior=restrict(prior, rest),
                           head=zeros, scheme=scheme, alpha=float(alpha))
 
 

@@ -49,7 +49,7 @@ def get_config():
     c.prior.learning_rate = 0.01
     c.prior.rank = 5
     c.prior.collect_every = 10
-    c.prior.min_var = 1e-3           # variance floor; bounds the prior precision (see fit_swag_prior)
+    c.prior.min_var = 1e-8           # SWAG variance floor (numerical)
 
     c.transfer = ml_collections.ConfigDict()
     c.transfer.scheme = "nl_ll"
@@ -58,6 +58,7 @@ def get_config():
     c.transfer.batch_size = 50
     c.transfer.learning_rate = 0.05
     c.transfer.kl_weight = 1.0
+    c.transfer.kl_min_var = 1e-3     # variance floor of the prior over the trained subset (make_scheme)
     c.transfer.sample_frozen = True
 
     c.eval = ml_collections.ConfigDict()

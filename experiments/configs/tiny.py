@@ -19,7 +19,7 @@ def get_config():
     c.prior.batch_size = 16
     c.prior.collect_every = 2
     c.prior.rank = 2
-    c.prior.min_var = 1e-2  # lr·β·2/(v_min·N) must stay below ~4 for N = 20 few-shot examples
+    c.transfer.kl_min_var = 1e-2  # lr·β·2/(v_min·N) must stay below ~4 for N = 20 few-shot examples
     c.data.k_shot = 2
     c.data.image_size = 12
     c.transfer.steps = 6

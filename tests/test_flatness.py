@@ -100,7 +100,7 @@ def _mlp_problem(n=23):
     kx, ky, ki, km, kv = jax.random.split(jax.random.PRNGKey(0), 5)
     x = jax.random.normal(kx, (n, 4))
     y = jax.random.randint(ky, (n,), 0, 3)
-    variables = model.init(ki, x[:2])
+    variables = jax.jit(model.init)(ki, x[:2])  # jit: eager flax init is slow
     # Non-trivial running statistics, so evaluation mode differs from the identity normalisation.
     variables = {"params": variables["params"],
                  "batch_stats": {"BatchNorm_0": {"mean": 0.5 * jax.random.normal(km, (6,)),
@@ -128,8 +128,8 @@ def test_hvp_equals_the_explicit_hessian_for_a_batchnorm_mlp():
     params = variables["params"]
     flat, unravel = ravel_pytree(params)
     v = jax.random.normal(jax.random.PRNGKey(7), flat.shape)
-    hessian = jax.hessian(lambda f: loss(unravel(f)))(flat)
-    got = ravel_pytree(fl.hvp(loss, params, unravel(v)))[0]
+    hessian = jax.jit(jax.hessian(lambda f: loss(unravel(f))))(flat)
+    got = ravel_pytree(jax.jit(fl.hvp, static_argnums=0)(loss, params, unravel(v)))[0]
     np.testing.assert_allclose(got, hessian @ v, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(hessian @ v))))
     # The loss really is evaluated with the stored statistics (an independent forward pass by hand).
     bn = variables["batch_stats"]["BatchNorm_0"]
@@ -155,7 +155,7 @@ def test_batched_hvp_equals_the_full_batch_hvp(mode):
         batches_arg, stacked = batches, False
     v = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(3), p.shape), params)
     got = ravel_pytree(fl.batched_loss_hvp(loss_b, params, batches_arg, stacked=stacked)(v))[0]
-    want = ravel_pytree(fl.hvp(full, params, v))[0]
+    want = ravel_pytree(jax.jit(fl.hvp, static_argnums=0)(full, params, v))[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want))))
     assert fl.batched_loss(loss_b, params, batches_arg, stacked=stacked) == pytest.approx(float(full(params)), rel=1e-5)
 
@@ -165,7 +165,8 @@ def test_eigenvalues_over_batches_match_the_dense_hessian():
     loss_b = fl.classifier_loss_per_batch(model.apply, variables)
     params = variables["params"]
     flat, unravel = ravel_pytree(params)
-    hessian = np.asarray(jax.hessian(lambda f: loss_b(unravel(f), {"image": x, "label": y}))(flat), np.float64)
+    hessian = np.asarray(jax.jit(jax.hessian(lambda f: loss_b(unravel(f), {"image": x, "label": y})))(flat),
+                         np.float64)
     exact = np.linalg.eigvalsh(0.5 * (hessian + hessian.T))[::-1]
     eig = fl.hessian_top_eigenvalues(loss_b, params, k=3, key=jax.random.PRNGKey(0),
                                      num_iterations=flat.size, batches=_batches(x, y, 8))

@@ -293,10 +293,12 @@ def _lanczos_step(basis, i, w, beta_prev):
     return basis, alpha, beta
 
 
-def _lanczos(matvec, params, dim: int, num_iterations: int, key, dtype):
+def _lanczos(matvec, params, dim: int, num_iterations: int, key, dtype, mask=None):
     """α, β of the Lanczos tridiagonal T_m and the basis V (m + 1 rows; rows ≥ m unused)."""
     m = min(num_iterations, dim)
     v0 = jax.random.normal(key, (dim,), dtype)
+    if mask is not None:
+        v0 = v0 * mask
     basis = jnp.zeros((m + 1, dim), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
     alphas, betas = [], []
     beta = jnp.zeros((), dtype)
@@ -332,14 +334,24 @@ def _resolve(loss_fn, hvp_fn, batches, weight_fn, stacked):
     return _make_operator(loss_fn, batches, weight_fn, stacked)
 
 
-def _top_eigen(op: _Operator, params, k, key, num_iterations, return_eigenvectors):
+def _masked(op: _Operator, mask):
+    """The block of H on the coordinates where ``mask`` is 1: v ↦ M H M v (M = diag(mask))."""
+    if mask is None:
+        return op
+    return _Operator(lambda p, v: mask * op.matvec(p, mask * v))
+
+
+def _top_eigen(op: _Operator, params, k, key, num_iterations, return_eigenvectors, mask=None):
     flat, unravel = ravel_pytree(params)
-    dim = int(flat.size)
+    dim = int(flat.size) if mask is None else int(np.sum(np.asarray(mask) != 0))
     if k > dim:
         raise ValueError(f"k={k} eigenvalues requested but params have only {dim} entries.")
     m = num_iterations if num_iterations is not None else max(4 * k, 40)
     _check_int(m, "num_iterations", k)
-    alphas, betas, basis = _lanczos(op.matvec, params, dim, m, key, jnp.result_type(flat.dtype, jnp.float32))
+    dtype = jnp.result_type(flat.dtype, jnp.float32)
+    # A masked start vector keeps the whole Krylov space inside the block, so the rest contributes no zeros.
+    alphas, betas, basis = _lanczos(_masked(op, mask).matvec, params, int(flat.size), min(m, dim), key, dtype,
+                                    mask)
     if len(alphas) < k:
         raise ValueError(f"Lanczos found an invariant subspace of dimension {len(alphas)} < k={k} (the start "
                          "vector or the Hessian has too few directions); lower k or change the key.")
@@ -431,13 +443,13 @@ def hessian_max_eigenvalue(loss_fn: Optional[Callable], params: PyTree, *, key: 
     return lam, unravel(v)
 
 
-def _hutchinson(op: _Operator, params, num_samples, key) -> TraceEstimate:
+def _hutchinson(op: _Operator, params, num_samples, key, mask=None) -> TraceEstimate:
     flat, _ = ravel_pytree(params)
     dtype = jnp.result_type(flat.dtype, jnp.float32)
     probe = jax.jit(lambda k: jax.random.rademacher(k, flat.shape, dtype))
     values = []
     for k in jax.random.split(key, num_samples):
-        z = probe(k)
+        z = probe(k) if mask is None else probe(k) * mask
         values.append(float(jnp.vdot(z, op.matvec(params, z))))
     values = np.asarray(values, np.float64)
     return TraceEstimate(float(values.mean()), float(values.std(ddof=1) / math.sqrt(num_samples)), values)

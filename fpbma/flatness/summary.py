@@ -10,10 +10,13 @@ References:
 
 from __future__ import annotations
 
+import collections.abc
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from fpbma import posterior as post
 from fpbma.baselines import types
@@ -56,7 +59,8 @@ class FlatnessResult(NamedTuple):
 
 def posterior_flatness(loss_fn: Callable, samples_or_posterior, key: jax.Array, num_samples: Optional[int] = 10,
                        k: int = 5, *, batches=None, weight_fn=None, stacked: bool = False,
-                       num_iterations: Optional[int] = None, trace_samples: int = 100) -> FlatnessResult:
+                       num_iterations: Optional[int] = None, trace_samples: int = 100,
+                       wrt: Optional[str] = None) -> FlatnessResult:
     """λ₁..λ_k, λ₁/λ_k and tr H of the training loss at S samples of a posterior.
 
     For each w_s: eigenvalues of ∇²ℓ(w_s) by :func:`~fpbma.flatness.hessian_top_eigenvalues` (so λ_max
@@ -75,6 +79,9 @@ def posterior_flatness(loss_fn: Callable, samples_or_posterior, key: jax.Array, 
       batches, weight_fn, stacked: accumulate ℓ over a loader (:func:`~fpbma.flatness.batched_loss_hvp`).
       num_iterations: Lanczos steps (default max(4k, 40)).
       trace_samples: Hutchinson probes per sample; 0 skips the trace.
+      wrt: for samples that are mappings holding more than weights (e.g. ``{"params": ..., "batch_stats":
+        ...}`` from SWAG with refreshed statistics), the entry whose Hessian block is measured; the other
+        entries are held fixed. ``loss_fn`` still receives the whole sample. None: the whole sample.
 
     Returns:
       A :class:`FlatnessResult`; ``.summary()`` gives mean ± std.
@@ -100,14 +107,23 @@ def posterior_flatness(loss_fn: Callable, samples_or_posterior, key: jax.Array, 
     op = hs._make_operator(loss_fn, batches, weight_fn, stacked)
     draw_key, eval_key = jax.random.split(key)
     samples = types.draw(obj, draw_key, n)
+    mask = None
+    if wrt is not None:
+        if not isinstance(samples, collections.abc.Mapping) or wrt not in samples:
+            raise ValueError(f"wrt={wrt!r}: each sample must be a mapping with a {wrt!r} entry; its keys are "
+                             f"{list(samples) if isinstance(samples, collections.abc.Mapping) else type(samples).__name__}.")
+        one = jax.tree.map(lambda x: x[0], samples)
+        selected = {name: jax.tree.map(lambda x, on=(name == wrt): jnp.full(jnp.shape(x), float(on)), sub)
+                    for name, sub in one.items()}
+        mask = ravel_pytree(type(one)(selected) if not isinstance(one, dict) else selected)[0]
     size = jax.tree_util.tree_leaves(samples)[0].shape[0]
     eigs, traces, errs = [], [], []
     for i, sample_key in enumerate(jax.random.split(eval_key, size)):
         w = jax.tree.map(lambda x: x[i], samples)
         lanczos_key, trace_key = jax.random.split(sample_key)
-        eigs.append(hs._top_eigen(op, w, k, lanczos_key, num_iterations, False))
+        eigs.append(hs._top_eigen(op, w, k, lanczos_key, num_iterations, False, mask))
         if trace_samples:
-            t = hs._hutchinson(op, w, trace_samples, trace_key)
+            t = hs._hutchinson(op, w, trace_samples, trace_key, mask)
             traces.append(t.trace)
             errs.append(t.stderr)
         else:

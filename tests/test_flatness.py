@@ -33,7 +33,7 @@ def _quadratic(seed=0, dim=40):
 
     def loss(w):
         x = ravel_pytree(w)[0]
-        return 0.5 * x @ a32 @ x + b32 @ x
+        return 0.5 * x @ jnp.matmul(a32, x, precision="highest") + b32 @ x
 
     return loss, params, a
 
@@ -171,6 +171,10 @@ def test_eigenvalues_over_batches_match_the_dense_hessian():
     eig = fl.hessian_top_eigenvalues(loss_b, params, k=3, key=jax.random.PRNGKey(0),
                                      num_iterations=flat.size, batches=_batches(x, y, 8))
     np.testing.assert_allclose(eig, exact[:3], rtol=1e-3)
+    hvp_fn = fl.batched_loss_hvp(loss_b, params, _batches(x, y, 8))
+    eig_from_hvp = fl.hessian_top_eigenvalues(None, params, k=3, key=jax.random.PRNGKey(5),
+                                              num_iterations=flat.size, hvp_fn=hvp_fn)
+    np.testing.assert_allclose(eig_from_hvp, exact[:3], rtol=1e-3)
     tr = fl.hessian_trace(loss_b, params, key=jax.random.PRNGKey(1), num_samples=200, batches=_batches(x, y, 8))
     assert abs(tr.trace - np.trace(hessian)) <= 3 * tr.stderr
 

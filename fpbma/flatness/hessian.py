@@ -286,8 +286,10 @@ def _lanczos_step(basis, i, w, beta_prev):
     prev = jnp.where(i > 0, beta_prev, 0.0) * basis[jnp.maximum(i - 1, 0)]
     w = w - alpha * v - prev
     mask = (jnp.arange(basis.shape[0]) <= i).astype(w.dtype)
+    # Full precision: TF32 matmuls on GPUs would leave O(1e-3) components along earlier basis vectors.
+    hi = jax.lax.Precision.HIGHEST
     for _ in range(2):
-        w = w - basis.T @ (mask * (basis @ w))
+        w = w - jnp.matmul(basis.T, mask * jnp.matmul(basis, w, precision=hi), precision=hi)
     beta = jnp.linalg.norm(w)
     basis = basis.at[i + 1].set(jnp.where(beta > 0, w / jnp.where(beta > 0, beta, 1.0), 0.0))
     return basis, alpha, beta
@@ -361,7 +363,8 @@ def _top_eigen(op: _Operator, params, k, key, num_iterations, return_eigenvector
     eigenvalues = evals[order]
     if not return_eigenvectors:
         return eigenvalues
-    ritz = jnp.asarray(evecs[:, order].T, basis.dtype) @ basis[:len(alphas)]
+    ritz = jnp.matmul(jnp.asarray(evecs[:, order].T, basis.dtype), basis[:len(alphas)],
+                      precision=jax.lax.Precision.HIGHEST)
     return eigenvalues, jax.vmap(unravel)(ritz)
 
 

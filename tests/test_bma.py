@@ -80,29 +80,42 @@ class _ListSource:
         return {"image": self.images[i], "label": int(self.labels[i])}
 
 
-@pytest.mark.parametrize("layout", ["flat", "stack"])
-def test_iterator_of_padded_batches_equals_single_array(setup, layout):
+def _apply_images(w, x):
+    return mlp_apply(w, x.reshape(x.shape[0], -1))
+
+
+@pytest.fixture(scope="module")
+def image_data(setup):
     q, _, key, _ = setup
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (23, 2, 3, 1), dtype=np.uint8)  # 23 = 2 full batches of 8 + 7 (1 padded)
     labels = rng.integers(0, N_CLASSES, 23)
-    source = _ListSource(images, labels)
+    full = images.astype(np.float32) / 255.0
+    lp_a = bma.predict(Partial(_apply_images), Partial(fpbma.sample, q), full, **_IMAGE_KW, key=key)
+    return _ListSource(images, labels), labels, full, lp_a
 
-    def apply_images(w, x):
-        return mlp_apply(w, x.reshape(x.shape[0], -1))
 
-    kw = dict(key=key, num_samples=9, chunk_size=4)
-    lp_b, lab = bma.predict(apply_images, Partial(fpbma.sample, q),
-                            batches(source, 8, train=False, layout=layout, num_devices=1), return_labels=True, **kw)
-    full = (images.astype(np.float32) / 255.0)
-    lp_a = bma.predict(apply_images, Partial(fpbma.sample, q), full, **kw)
+_IMAGE_KW = dict(num_samples=6, chunk_size=3)
+
+
+@pytest.mark.parametrize("layout", ["flat", "stack"])
+def test_iterator_of_padded_batches_equals_single_array(setup, image_data, layout):
+    q, _, key, _ = setup
+    source, labels, _, lp_a = image_data
+    lp_b, lab = bma.predict(Partial(_apply_images), Partial(fpbma.sample, q),
+                            batches(source, 8, train=False, layout=layout, num_devices=1), return_labels=True,
+                            key=key, **_IMAGE_KW)
     assert lp_b.shape == (23, N_CLASSES)
     np.testing.assert_array_equal(np.asarray(lab), labels)
     np.testing.assert_allclose(np.asarray(lp_b), np.asarray(lp_a), rtol=1e-6, atol=1e-6)
-    # The same rows from a masked array input (padding rows dropped).
-    padded = np.concatenate([full, full[:5]])
-    mask = np.r_[np.ones(23, bool), np.zeros(5, bool)]
-    lp_m = bma.predict(apply_images, Partial(fpbma.sample, q), padded, mask=mask, **kw)
+
+
+def test_masked_array_input_drops_padding_rows(setup, image_data):
+    q, _, key, _ = setup
+    _, _, full, lp_a = image_data
+    padded = np.concatenate([full[:8], full[:1], full[8:], full[:4]])
+    mask = np.r_[np.ones(8, bool), False, np.ones(15, bool), np.zeros(4, bool)]
+    lp_m = bma.predict(Partial(_apply_images), Partial(fpbma.sample, q), padded, mask=mask, key=key, **_IMAGE_KW)
     np.testing.assert_allclose(np.asarray(lp_m), np.asarray(lp_a), rtol=1e-6, atol=1e-6)
 
 
@@ -115,7 +128,7 @@ def _temp_bytes(num_samples, chunk_size, q, x):
 
 def test_memory_does_not_grow_with_number_of_samples(setup):
     q, _, _, _ = setup
-    x = jnp.ones((2048, N_IN))  # (N, hidden) activations dominate the temporaries
+    x = jnp.ones((1024, N_IN))  # (N, hidden) activations dominate the temporaries
     small = _temp_bytes(30, 10, q, x)
     large = _temp_bytes(300, 10, q, x)
     assert large / small < 1.5, (small, large)
@@ -182,7 +195,7 @@ def test_batchnorm_refresh_gives_exact_population_statistics():
 
 def test_predict_with_refresh_equals_loop_that_refreshes_each_sample():
     model = _BNNet()
-    images = np.asarray(jax.random.normal(jax.random.PRNGKey(6), (20, 4)))
+    images = np.asarray(jax.random.normal(jax.random.PRNGKey(6), (16, 4)))
     variables = model.init(jax.random.PRNGKey(7), images[:2])
     q = fpbma.DiagGaussian.from_point(variables["params"], 0.3)
     stats = variables["batch_stats"]
@@ -191,16 +204,18 @@ def test_predict_with_refresh_equals_loop_that_refreshes_each_sample():
     apply_fn = Partial(lambda v, x: model.apply(v, x, train=False))
     x = images[:7] + 0.5
     key = jax.random.PRNGKey(8)
-    lp = bma.predict(apply_fn, sample_weights, x, key=key, num_samples=5, chunk_size=2, refresh_fn=refresh)
+    lp = bma.predict(apply_fn, sample_weights, x, key=key, num_samples=4, chunk_size=2, refresh_fn=refresh)
+    refresh_jit = jax.jit(lambda w, k: refresh(w, k))
+    apply_jit = jax.jit(lambda w: jax.nn.softmax(model.apply(w, x, train=False)))
     probs = []
-    for k in jax.random.split(key, 5):
-        w = refresh(sample_weights(k), jax.random.fold_in(k, 1))
+    for k in jax.random.split(key, 4):
+        w = refresh_jit(sample_weights(k), jax.random.fold_in(k, 1))
         (m_in, v_in), _ = _numpy_bn_reference(w, images, 8)
         np.testing.assert_allclose(w["batch_stats"]["bn_in"]["var"], v_in, rtol=1e-5)
-        probs.append(np.asarray(jax.nn.softmax(model.apply(w, x, train=False)), np.float64))
+        probs.append(np.asarray(apply_jit(w), np.float64))
     np.testing.assert_allclose(np.asarray(lp), np.log(np.mean(probs, 0)), rtol=2e-5, atol=2e-5)
     # Without the refresh the stored (initial) statistics are used and predictions differ.
-    lp_stale = bma.predict(apply_fn, sample_weights, x, key=key, num_samples=5, chunk_size=2)
+    lp_stale = bma.predict(apply_fn, sample_weights, x, key=key, num_samples=4, chunk_size=2)
     assert np.max(np.abs(np.asarray(lp_stale) - np.asarray(lp))) > 1e-2
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from fpbma import metrics
 
-__all__ = ["fit_temperature", "apply_temperature", "temperature_nll", "reliability_diagram"]
+__all__ = ["fit_temperature", "apply_temperature", "temperature_nll", "calibrated_metrics", "reliability_diagram"]
 
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
@@ -123,6 +123,33 @@ def apply_temperature(log_probs, temperature) -> jax.Array:
     if not float(temperature) > 0:
         raise ValueError(f"temperature={temperature} must be positive (fit it with fit_temperature).")
     return jax.nn.log_softmax(jnp.asarray(log_probs, jnp.float32) / float(temperature), axis=-1)
+
+
+def calibrated_metrics(val_log_probs, val_labels, test_log_probs, test_labels, *, val_mask=None,
+                       test_mask=None, num_bins: int = 15) -> dict:
+    """Raw and temperature-scaled test metrics, T fitted on the validation BMA predictive.
+
+        T = fit_temperature(log p̄_val, y_val),   scaled = evaluate(log softmax(log p̄_test / T), y_test)
+
+    Args:
+      val_log_probs, val_labels: BMA log-predictive (N_val, C) and labels of the validation split.
+      test_log_probs, test_labels: the same for the split that is reported.
+      val_mask, test_mask: optional boolean masks (padding rows False).
+      num_bins: ECE bins.
+
+    Returns:
+      ``{"temperature": T, "raw": {acc, nll, ece, brier}, "scaled": {acc, nll, ece, brier}}``.
+
+    References:
+      Guo et al., ICML 2017; FP-BMA, arXiv 2406.15664 (metrics reported with and without scaling).
+    """
+    from fpbma.bma import evaluate
+
+    _check(test_log_probs, test_labels, test_mask)
+    t = fit_temperature(val_log_probs, val_labels, val_mask)
+    return {"temperature": t,
+            "raw": evaluate(test_log_probs, test_labels, test_mask, num_bins),
+            "scaled": evaluate(apply_temperature(test_log_probs, t), test_labels, test_mask, num_bins)}
 
 
 def reliability_diagram(log_probs, labels, path, title: str = "", *, num_bins: int = 15,

@@ -47,6 +47,16 @@ def test_fit_temperature_respects_mask_and_bounds():
     assert calibration.fit_temperature(lp, labels, bounds=(0.05, 1.5)) == pytest.approx(1.5)
 
 
+def test_calibrated_metrics_fit_on_validation_improve_test_nll():
+    _, y_val, lp_val = _synthetic(2.5, n=5000, seed=4)
+    _, y_test, lp_test = _synthetic(2.5, n=5000, seed=5)
+    out = calibration.calibrated_metrics(lp_val, y_val, lp_test, y_test)
+    assert abs(out["temperature"] - 2.5) / 2.5 < 0.1
+    assert out["scaled"]["nll"] < out["raw"]["nll"] - 0.05
+    assert out["scaled"]["ece"] < out["raw"]["ece"]
+    assert out["scaled"]["acc"] == out["raw"]["acc"]  # a positive temperature never changes the argmax
+
+
 def test_apply_temperature_is_tempered_softmax():
     rng = np.random.default_rng(2)
     z = rng.normal(size=(50, 6)) * 2

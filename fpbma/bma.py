@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -186,8 +186,8 @@ def _run(core, inputs, mask, return_labels):
                             "'label') as produced by fpbma.data.pipeline.batches.")
         image, bmask, label = _flatten_batch(batch, i)
         keep = None if bmask is None else np.asarray(bmask, bool)
-        out = np.asarray(core(image))
-        log_probs.append(out if keep is None else out[keep])
+        # Device arrays are gathered after the loop so the host prepares the next batch while this one runs.
+        log_probs.append((core(image), keep))
         if return_labels:
             if label is None:
                 raise ValueError(f"batch #{i} has no 'label' entry but return_labels=True.")
@@ -195,7 +195,8 @@ def _run(core, inputs, mask, return_labels):
             labels.append(label if keep is None else label[keep])
     if not log_probs:
         raise ValueError("inputs yielded no batches; nothing to evaluate.")
-    lp = jnp.asarray(np.concatenate(log_probs))
+    lp = jnp.asarray(np.concatenate([np.asarray(out) if keep is None else np.asarray(out)[keep]
+                                     for out, keep in log_probs]))
     return (lp, jnp.asarray(np.concatenate(labels))) if return_labels else lp
 
 

@@ -235,3 +235,16 @@ def test_bad_inputs_fail_with_clear_messages(setup):
         bma.predict_samples(mlp_apply, q, x)
     with pytest.raises(ValueError, match="N >= 2"):
         bma.make_batchnorm_refresh(_BNNet(), np.ones((1, 4)), 4)
+
+
+def test_repeated_calls_and_batches_compile_once(setup):
+    q, x, key, _ = setup
+    apply_fn, sw = Partial(mlp_apply), Partial(fpbma.sample, q)
+    x2 = x[:11] * 2.0  # a shape no other test uses
+    before = bma._sampled_log_predictive._cache_size()
+    bma.predict(apply_fn, sw, x2, key=key, num_samples=3, chunk_size=2)
+    # New posterior values, new key, new data of the same shapes: no recompilation.
+    q2 = jax.tree.map(lambda a: a + 1.0, q)
+    bma.predict(apply_fn, Partial(fpbma.sample, q2), x2 + 1.0, key=jax.random.PRNGKey(9), num_samples=3,
+                chunk_size=2)
+    assert bma._sampled_log_predictive._cache_size() == before + 1

@@ -32,9 +32,9 @@ from fpbma.transforms import (
 
 __version__ = "0.1.0"
 
-from fpbma import baselines, metrics, models  # noqa: E402  (subpackages that build on the core above)
+from fpbma import baselines, bma, calibration, metrics, models  # noqa: E402  (subpackages that build on the core above)
 
-_LAZY_SUBMODULES = ("data", "bma", "calibration", "flatness", "transfer", "parallel")
+_LAZY_SUBMODULES = ("data", "flatness", "transfer", "parallel")
 
 
 def __getattr__(name):

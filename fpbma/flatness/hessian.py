@@ -394,7 +394,8 @@ def hessian_top_eigenvalues(loss_fn: Optional[Callable], params: PyTree, k: int 
       A float64 numpy array of k eigenvalues in descending order; with ``return_eigenvectors`` also a
       tree of unit Ritz vectors stacked on a leading axis of size k.
 
-    >>> eig = hessian_top_eigenvalues(lambda w: jnp.sum(w ** 2), jnp.ones(10), k=2, key=jax.random.PRNGKey(0))
+    >>> loss = lambda w: jnp.sum(jnp.arange(1.0, 11.0) * w ** 2)         # H = diag(2, 4, ..., 20)
+    >>> eig = hessian_top_eigenvalues(loss, jnp.ones(10), k=2, key=jax.random.PRNGKey(0))  # [20., 18.]
     """
     _check_key(key)
     k = _check_int(k, "k", 1)

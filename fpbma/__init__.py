@@ -32,5 +32,15 @@ from fpbma.transforms import (
 
 __version__ = "0.1.0"
 
-from fpbma import baselines, metrics  # noqa: E402  (subpackages that build on the core above)
-from fpbma import models  # noqa: E402
+from fpbma import baselines, bma, calibration, metrics, models  # noqa: E402  (subpackages that build on the core above)
+
+_LAZY_SUBMODULES = ("data", "flatness", "transfer", "parallel")
+
+
+def __getattr__(name):
+    # fpbma.data etc. without importing tensorflow-datasets at `import fpbma` time.
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"fpbma.{name}")
+    raise AttributeError(f"module 'fpbma' has no attribute {name!r}")

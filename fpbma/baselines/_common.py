@@ -44,3 +44,17 @@ def tree_normal_like(key: jax.Array, tree: PyTree) -> PyTree:
     keys = jax.random.split(key, max(len(leaves), 1))
     return jax.tree.unflatten(treedef, [jax.random.normal(k, jnp.shape(x), jnp.result_type(x, jnp.float32))
                                         for k, x in zip(keys, leaves)])
+
+
+def find_state(state: Any, state_type: type, needed_by: str):
+    """The ``state_type`` instance inside a (possibly chained or wrapped) optax state, depth first."""
+    if isinstance(state, state_type):
+        return state
+    if isinstance(state, (tuple, list)):
+        for s in state:
+            try:
+                return find_state(s, state_type, needed_by)
+            except TypeError:
+                pass
+    raise TypeError(f"{needed_by} needs the state of an optimizer holding a {state_type.__name__}, "
+                    f"got {type(state).__name__}.")

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from fpbma import posterior as post
-from fpbma.baselines._common import check_int, check_number, tree_normal_like
+from fpbma.baselines._common import check_int, check_number, find_state, tree_normal_like
 
 PyTree = Any
 
@@ -126,20 +126,6 @@ def bsam(learning_rate, num_data: int, rho: float = 0.05, beta1: float = 0.9, be
 def bsam_posterior(params: PyTree, state: BSAMState, num_data: int) -> post.DiagGaussian:
     """q = N(m, 1/(N s)) as a :class:`fpbma.DiagGaussian` (log σ = −½ log(N s))."""
     num_data = check_int(num_data, "num_data", low=1)
-    state = _find_state(state)
+    state = find_state(state, BSAMState, "bsam_posterior")
     log_std = jax.tree.map(lambda s: -0.5 * (jnp.log(s) + math.log(num_data)), state.precision)
     return post.DiagGaussian(mean=params, log_std=log_std)
-
-
-def _find_state(state) -> BSAMState:
-    """The BSAMState inside a (possibly chained) optimizer state."""
-    if isinstance(state, BSAMState):
-        return state
-    if isinstance(state, (tuple, list)):
-        for s in state:
-            try:
-                return _find_state(s)
-            except TypeError:
-                pass
-    raise TypeError("bsam_posterior needs the state of a bsam optimizer (BSAMState), got "
-                    f"{type(state).__name__}.")

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fpbma.baselines._common import check_int, check_number, tree_normal_like
+from fpbma.baselines._common import check_int, check_number, find_state, tree_normal_like
 from fpbma.baselines.sgld import cycle_length, cyclical_cosine_schedule
 
 PyTree = Any
@@ -111,12 +111,4 @@ def emcmc(learning_rate: float, eta: float = 1e-2, temp: float = 1.0, num_steps:
 
 def guiding_params(state) -> PyTree:
     """θ_a from an :class:`EMCMCState` (searched inside a chained optimizer state)."""
-    if isinstance(state, EMCMCState):
-        return state.guide
-    if isinstance(state, (tuple, list)):
-        for s in state:
-            try:
-                return guiding_params(s)
-            except TypeError:
-                pass
-    raise TypeError(f"guiding_params needs an emcmc optimizer state (EMCMCState), got {type(state).__name__}.")
+    return find_state(state, EMCMCState, "guiding_params").guide

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from fpbma import posterior as post
-from fpbma.baselines._common import check_int, check_number
+from fpbma.baselines._common import check_int, check_number, find_state
 from fpbma.baselines.sam import sam
 from fpbma.baselines.types import SampleSet, stack_samples
 
@@ -127,24 +127,12 @@ def fswag(learning_rate, rho: float = 0.05, momentum: float = 0.9, weight_decay:
                 swa_start=swa_start, collect_every=collect_every, max_num_models=max_num_models)
 
 
-def _find_state(state) -> SWAGState:
-    if isinstance(state, SWAGState):
-        return state
-    if isinstance(state, (tuple, list)):
-        for s in state:
-            try:
-                return _find_state(s)
-            except TypeError:
-                pass
-    raise TypeError(f"expected the state of a swag optimizer (SWAGState), got {type(state).__name__}.")
-
-
 def swag_posterior(state, min_var: float = 1e-30) -> post.LowRankGaussian:
     """The SWAG posterior N(w̄, ½(diag σ² + DDᵀ/(K − 1))) from a (concrete) :class:`SWAGState`.
 
     Deviation columns are returned oldest first. Raises if fewer than 2 models were collected.
     """
-    state = _find_state(state)
+    state = find_state(state, SWAGState, "swag_posterior")
     check_number(min_var, "min_var", low=0.0, low_open=True)
     n = int(state.num_models)
     rank = jax.tree_util.tree_leaves(state.deviations)[0].shape[0]

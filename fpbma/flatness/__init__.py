@@ -1,0 +1,54 @@
+"""Flatness analysis: Hessian spectra and traces of the training loss, posterior flatness, loss landscapes.
+
+The paper's two empirical claims (arXiv:2406.15664) are that approximate Bayesian methods rarely find
+flat posteriors and that flatter posteriors give better BMA. This package measures flatness:
+
+* :mod:`fpbma.flatness.hessian` — Hessian-vector products (forward-over-reverse, accumulated over a
+  loader), top-k eigenvalues by Lanczos, λ_max by power iteration, the trace by Hutchinson;
+* :mod:`fpbma.flatness.summary` — :func:`posterior_flatness`, those numbers at S samples of a posterior;
+* :mod:`fpbma.flatness.landscape` — 1-D / 2-D loss slices along filter-normalised or posterior
+  directions, and PNG plots.
+
+>>> import fpbma.flatness
+>>> eig = fpbma.flatness.hessian_top_eigenvalues(loss_fn, params, k=5, key=key)      # doctest: +SKIP
+>>> tr = fpbma.flatness.hessian_trace(loss_fn, params, key=key, num_samples=100)      # doctest: +SKIP
+"""
+
+from fpbma.flatness.hessian import (
+    TraceEstimate,
+    batched_loss,
+    batched_loss_hvp,
+    classifier_loss_per_batch,
+    hessian_max_eigenvalue,
+    hessian_top_eigenvalues,
+    hessian_trace,
+    hvp,
+)
+from fpbma.flatness.landscape import (
+    filter_normalized_direction,
+    loss_landscape_1d,
+    loss_landscape_2d,
+    plot_landscape_1d,
+    plot_landscape_2d,
+    posterior_directions,
+)
+from fpbma.flatness.summary import FlatnessResult, posterior_flatness
+
+__all__ = [
+    "FlatnessResult",
+    "TraceEstimate",
+    "batched_loss",
+    "batched_loss_hvp",
+    "classifier_loss_per_batch",
+    "filter_normalized_direction",
+    "hessian_max_eigenvalue",
+    "hessian_top_eigenvalues",
+    "hessian_trace",
+    "hvp",
+    "loss_landscape_1d",
+    "loss_landscape_2d",
+    "plot_landscape_1d",
+    "plot_landscape_2d",
+    "posterior_directions",
+    "posterior_flatness",
+]

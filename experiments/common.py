@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from typing import Any, Callable
 
@@ -56,23 +57,27 @@ def _check_positive_int(value, name):
         raise ConfigError(f"config.{name}={value!r} must be a positive integer.")
 
 
+def _items(value) -> tuple:
+    """A tuple from a tuple/list/str field; comma-separated strings are split (``--config.methods=fpbma,sgd``
+    arrives as ``("fpbma,sgd",)`` when the field's default is a tuple)."""
+    if isinstance(value, (str, int, np.integer)):
+        value = (value,)
+    return tuple(s.strip() for v in value for s in str(v).split(",") if s.strip())
+
+
 def methods_of(config, stage: str) -> tuple:
     if stage in ("train", "evaluate"):
         return (config.method,)
-    methods = config.methods
-    if isinstance(methods, str):
-        methods = tuple(m.strip() for m in methods.split(",") if m.strip())
-    return tuple(methods)
+    return _items(config.methods)
 
 
 def seeds_of(config, stage: str) -> tuple:
     if stage in ("train", "evaluate"):
         return (int(config.seed),)
-    seeds = config.seeds
-    if isinstance(seeds, (int, np.integer)):
-        seeds = (seeds,)
-    if isinstance(seeds, str):
-        seeds = tuple(int(s) for s in seeds.split(",") if s.strip())
+    seeds = _items(config.seeds)
+    bad = [s for s in seeds if not s.isdigit()]
+    if bad:
+        raise ConfigError(f"config.seeds has non-integer entries {bad}; pass e.g. --config.seeds=0,1,2.")
     return tuple(int(s) for s in seeds)
 
 
@@ -671,6 +676,15 @@ def run_pipeline(config, stage: str = "transfer") -> dict:
                   f"(eval {time.perf_counter() - t0:.0f}s)", flush=True)
     write_report(config, results, time.perf_counter() - start)
     return results
+
+
+def run_cli(stage: str, config) -> None:
+    """:func:`main` for the command line: a bad config prints one line ``error: ...`` and exits with status 2."""
+    try:
+        main(stage, config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(stage: str, config) -> None:

@@ -19,7 +19,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default
 
 def main(argv):
     del argv
-    common.main("evaluate", _CONFIG.value)
+    common.run_cli("evaluate", _CONFIG.value)
 
 
 if __name__ == "__main__":

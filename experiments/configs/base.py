@@ -67,7 +67,7 @@ def get_config():
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 30
     c.eval.chunk_size = 10
-    c.eval.batch_size = 512
+    c.eval.batch_size = 128
     c.eval.corruptions = "all"       # "all", "none" or a comma-separated list
     c.eval.severities = (1, 2, 3, 4, 5)
     c.eval.corruption_per_class = 4  # test images per class in the corruption sweep (0: whole split)

@@ -229,7 +229,8 @@ B_T = multiple_of_devices(min(50, len(x_few)))
 
 def train(method):
     trainer = transfer.make_trainer(method, scheme, lambda p, im: apply({**extra, "params": p}, im),
-                                    num_data=len(x_few), num_steps=TRANSFER_STEPS, learning_rate=0.05,
+                                    num_data=len(x_few), num_steps=TRANSFER_STEPS, learning_rate=0.01,
+                                    kl_weight=0.01,  # the experiments' defaults (README: transfer hyperparameters)
                                     hyperparameters={"rho": 0.05} if method == "fpbma" else None)
     dp_step = parallel.make_data_parallel_step(
         lambda s, b, k: (trainer.step(s, b, jax.random.fold_in(k, s.step)), {}), mesh)

@@ -303,11 +303,9 @@ def run(config) -> dict:
     opts = validate(config)
     start = time.perf_counter()
     methods, seeds = common.methods_of(config, "transfer"), common.seeds_of(config, "transfer")
-    source_variables = common.pretrain(config)
-    prior = common.fit_prior(config, source_variables)
     per_method: dict = {m: {} for m in methods}
     for seed in seeds:
-        setup = common.setup_transfer(config, seed, prior, source_variables)
+        setup = common.setup_transfer(config, seed)  # restores the source and the prior (check_trained)
         for method in methods:
             t0 = time.perf_counter()
             posterior, _, finished = common.train_method(config, method, seed, setup)

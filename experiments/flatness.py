@@ -110,7 +110,18 @@ def validate(config) -> dict:
 
 
 def mean_cross_entropy(apply_fn, extra, frozen, images, labels, subset):
-    """(1/N) Σᵢ CE(f(xᵢ; w_S ∪ w_F), yᵢ): the training loss as a function of the subset weights w_S."""
+    """The training loss as a function of the subset weights: ℓ(w_S) = (1/N) Σᵢ −log softmax(f(xᵢ; w_S ∪ w_F))_{yᵢ}.
+
+    Args:
+      apply_fn: ``(variables, images) -> logits`` in eval mode (:func:`experiments.common.eval_apply`).
+      extra: the other variable collections (BatchNorm ``batch_stats``), constants of the loss.
+      frozen: the frozen weights w_F of this sample.
+      images, labels: the few-shot training split (normalised images, integer labels).
+      subset: the Bayesian-subset weights w_S.
+
+    Returns:
+      The mean cross-entropy, a float32 scalar.
+    """
     logits = apply_fn({**extra, "params": transfer.full_params(subset, frozen)}, images)
     log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
     return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None].astype(jnp.int32), axis=-1))
@@ -127,7 +138,21 @@ def _per_sample_log_probs(apply_fn, samples, images):
 
 
 def draw_samples(config, scheme, posterior, extra, seed: int) -> dict:
-    """S variable trees ``{"batch_stats", "params"}`` stacked on axis 0, drawn as BMA draws them."""
+    """S weight samples of a trained posterior, drawn exactly as BMA draws them.
+
+    w_s = sample_weights(k_s) (:func:`fpbma.transfer.sample_weights`): w_S from the posterior (a stored
+    sample chosen uniformly for MCMC / point estimates), w_F from the prior (or its mean when
+    ``config.transfer.sample_frozen`` is False), with k_s = split(key, S)[s] and a key that depends only
+    on ``seed`` — every method is measured at the same random numbers.
+
+    Args:
+      config: the transfer config (``flatness.num_samples``, ``transfer.sample_frozen``).
+      scheme, posterior, extra: from :func:`experiments.common.setup_transfer` / ``train_method``.
+      seed: the transfer seed.
+
+    Returns:
+      Variables ``{"batch_stats", "params"}`` with every leaf stacked on a leading axis of size S.
+    """
     s = settings(config)["num_samples"]
     sampler = transfer.sample_weights(scheme, posterior, extra, bool(config.transfer.sample_frozen))
     draw_key, _ = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), _KEY_STREAM))
@@ -162,7 +187,25 @@ def bma_of(log_probs: np.ndarray, labels: np.ndarray, which) -> dict:
 
 
 def method_flatness(config, method: str, seed: int, setup, posterior) -> dict:
-    """λ₁..λ_k, tr H at S samples of one trained posterior, and the BMA of its flattest / sharpest half."""
+    """λ₁ ≥ … ≥ λ_k and tr H at S samples of one trained posterior, and the BMA of its flattest / sharpest half.
+
+    At each sample, H_s = ∇²_{w_S} ℓ(w_S; w_F) (:func:`mean_cross_entropy`) is only touched through
+    Hessian-vector products (one compiled forward-over-reverse program shared by all samples and
+    methods): Lanczos gives the top k eigenvalues, Hutchinson the trace. The samples are ranked by λ_max;
+    the flattest ⌊S/2⌋ and the sharpest ⌊S/2⌋ (the median one left out for odd S) are averaged as BMA,
+    log p̄ = logsumexp_{s∈half} log softmax f(x; w_s) − log|half|, on the target test split.
+
+    Args:
+      config: the transfer config with its flatness settings (:func:`settings`).
+      method, seed: which trained method; its ``metrics.json`` supplies the transfer run's BMA metrics.
+      setup: ``(data, model, extra, scheme)`` of :func:`experiments.common.setup_transfer`.
+      posterior: the method's trained posterior (``train_method(...)[0]``).
+
+    Returns:
+      A JSON-ready dict: per-sample ``eigenvalues`` (S × k), ``lambda_max``, ``eigenvalue_ratio``,
+      ``trace``, ``trace_stderr``; their ``summary`` (mean, std); ``bma`` (metrics.json, raw);
+      ``all_samples`` / ``flattest_half`` / ``sharpest_half`` (indices and acc/nll/ece/brier).
+    """
     opts = settings(config)
     data, model, extra, scheme = setup
     apply_fn = common.eval_apply(model)
@@ -223,6 +266,7 @@ def summarize(per_seed: dict) -> dict:
 
 
 def _spearman(x, y) -> float:
+    """Spearman's rank correlation (ties broken by order); NaN when either side is constant."""
     rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
     if np.std(rx) == 0 or np.std(ry) == 0:
         return float("nan")
@@ -250,6 +294,7 @@ def table(config, payload: dict) -> str:
     """The Markdown report: method × flatness (mean ± std over samples) × BMA, and the claim-(2) summary."""
     opts, rows, c2 = payload["settings"], payload["summary"], payload["claim2"]
     k = opts["num_eigenvalues"]
+    lk = "λ" + str(k).translate(str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉"))
     any_method = next(iter(payload["methods"].values()))
     subset_size = next(iter(any_method.values()))["subset_size"]
     lines = [f"Flatness of the {config.transfer.scheme} subset ({subset_size} weights) on {config.data.target} "
@@ -258,7 +303,7 @@ def table(config, payload: dict) -> str:
              f"{opts['trace_probes']} Hutchinson probes; mean ± std over samples. BMA: the transfer run's "
              f"(S = {config.eval.num_samples}); flat / sharp: BMA of the {opts['num_samples'] // 2} samples with the "
              f"smallest / largest λ_max. Wall time {payload['wall_time_s']:.0f} s.", "",
-             f"| method | λ_max ↓ | λ₁/λ{k} | tr H ↓ | ACC ↑ | NLL ↓ | ECE ↓ | flat ACC | flat NLL | flat ECE "
+             f"| method | λ_max ↓ | λ₁/{lk} | tr H ↓ | ACC ↑ | NLL ↓ | ECE ↓ | flat ACC | flat NLL | flat ECE "
              "| sharp ACC | sharp NLL | sharp ECE |",
              "|---" * 13 + "|"]
     for method, r in rows.items():
@@ -299,7 +344,18 @@ def scatter(config, rows: dict, path: str) -> None:
 
 
 def run(config) -> dict:
-    """Validates, measures every method × seed, writes ``flatness.json``/``.md``/``_scatter.png``; returns the payload."""
+    """The flatness stage: every method × seed of the transfer run, then the report.
+
+    Everything is validated first (:func:`validate`); the files are written only after every method was
+    measured.
+
+    Args:
+      config: the transfer pipeline's config (the same one, so the same work dir and checkpoints).
+
+    Returns:
+      The payload of ``<workdir>/flatness.json``: ``settings``, ``seeds``, per-method per-seed results
+      (:func:`method_flatness`), per-method ``summary`` rows (:func:`summarize`) and ``claim2``.
+    """
     opts = validate(config)
     start = time.perf_counter()
     methods, seeds = common.methods_of(config, "transfer"), common.seeds_of(config, "transfer")

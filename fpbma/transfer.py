@@ -380,7 +380,7 @@ class Trainer(NamedTuple):
 
 
 _DEFAULTS = {
-    "fpbma": dict(rho=0.05, momentum=0.9, damping=1e-3),
+    "fpbma": dict(rho=0.05, momentum=0.9, damping=1e-3, covariance_lr_scale=0.1),
     "sgd": dict(momentum=0.9),
     "sam": dict(rho=0.05, momentum=0.9),
     "fsam": dict(rho=0.1, eta=1.0, momentum=0.9),

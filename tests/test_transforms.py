@@ -188,7 +188,28 @@ def test_weight_decay_acts_on_means_only():
     assert np.all(np.asarray(u.log_std["w"]) == 0)
 
 
+@pytest.mark.parametrize("family", ["diag", "lowrank"])
+def test_covariance_lr_scale_is_a_per_block_learning_rate(family):
+    """c·η on (log σ, D), η on μ: equal to two optax.sgd runs with rates η and c·η on the same gradients."""
+    x, y = _data(jax.random.PRNGKey(8))
+    q = _posterior(family)
+    ours, ref_mean, ref_cov = (fpbma.fpbma(0.05, rho=0.0, momentum=0.9, covariance_lr_scale=0.1),
+                               optax.sgd(0.05, momentum=0.9), optax.sgd(0.005, momentum=0.9))
+    so, sm, sc, qo = ours.init(q), ref_mean.init(q), ref_cov.init(q), q
+    for i in range(4):
+        noise = fpbma.sample_noise(q, jax.random.PRNGKey(20 + i))
+        g = jax.grad(lambda t: fpbma.negative_elbo(t, noise, _loss_fn(x, y)))
+        grads = g(qo)
+        u, so = ours.update(grads, so, qo, grad_fn=g)
+        um, sm = ref_mean.update(grads, sm, qo)
+        uc, sc = ref_cov.update(grads, sc, qo)
+        np.testing.assert_allclose(ravel_pytree(u.mean)[0], ravel_pytree(um.mean)[0], rtol=1e-6)
+        np.testing.assert_allclose(ravel_pytree(u[1:])[0], ravel_pytree(uc[1:])[0], rtol=1e-5, atol=1e-10)
+        qo = optax.apply_updates(qo, u)
+
+
 @pytest.mark.parametrize("kwargs,match", [
+    (dict(learning_rate=0.1, covariance_lr_scale=0.0), "covariance_lr_scale"),
     (dict(learning_rate=0.0), "learning_rate"),
     (dict(learning_rate=0.1, rho=-0.1), "rho"),
     (dict(learning_rate=0.1, momentum=1.0), "momentum"),

@@ -22,6 +22,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -311,17 +312,24 @@ def corrupted_data(config, test_raw: np.ndarray, test_label: np.ndarray) -> dict
 _APPLY_CACHE: dict = {}
 
 
+@functools.lru_cache(maxsize=None)
+def _cifar_resnet(num_blocks: int, num_classes: int, width: int, size: int, in_channels: int):
+    # One model and one compiled init per architecture: setup_transfer builds three per call.
+    from fpbma.models.resnet import CifarResNet
+
+    model = CifarResNet(num_blocks, num_classes, width)
+    return model, jax.jit(lambda k: model.init(k, jnp.zeros((1, size, size, in_channels)), train=False))
+
+
 def build_model(config, num_classes: int, in_channels: int):
     """``(model, variables)`` for ``config.model`` (a compact CifarResNet or a name of fpbma.models)."""
     import fpbma.models
-    from fpbma.models.resnet import CifarResNet
 
     key = jax.random.PRNGKey(int(config.seed))
     if config.model.name == "cifar_resnet":
-        model = CifarResNet(int(config.model.num_blocks), int(num_classes), int(config.model.width))
-        size = int(config.data.image_size)
-        variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, size, size, in_channels)), train=False))(key)
-        return model, dict(variables)
+        model, init = _cifar_resnet(int(config.model.num_blocks), int(num_classes), int(config.model.width),
+                                    int(config.data.image_size), int(in_channels))
+        return model, dict(init(key))
     return fpbma.models.create(config.model.name, num_classes, key=key)
 
 

@@ -72,4 +72,10 @@ def get_config():
     c.eval.severities = (1, 2, 3, 4, 5)
     c.eval.corruption_per_class = 4  # test images per class in the corruption sweep (0: whole split)
     c.eval.corruption_num_samples = 5
+
+    c.flatness = ml_collections.ConfigDict()  # experiments.flatness (run after experiments.transfer)
+    c.flatness.num_samples = 10        # S weight samples per method (>= 2)
+    c.flatness.num_eigenvalues = 5     # top-k Hessian eigenvalues; reports λ₁/λ_k
+    c.flatness.lanczos_iterations = 20
+    c.flatness.trace_probes = 10       # Hutchinson probes per sample
     return c

@@ -447,13 +447,17 @@ def hessian_max_eigenvalue(loss_fn: Optional[Callable], params: PyTree, *, key: 
     return lam, unravel(v)
 
 
+# One compiled probe per (shape, dtype), shared by every call (a fresh jit per call recompiled per sample).
+_rademacher = jax.jit(jax.random.rademacher, static_argnums=(1, 2))
+
+
 def _hutchinson(op: _Operator, params, num_samples, key, mask=None) -> TraceEstimate:
     flat, _ = ravel_pytree(params)
     dtype = jnp.result_type(flat.dtype, jnp.float32)
-    probe = jax.jit(lambda k: jax.random.rademacher(k, flat.shape, dtype))
     values = []
     for k in jax.random.split(key, num_samples):
-        z = probe(k) if mask is None else probe(k) * mask
+        z = _rademacher(k, flat.shape, dtype)
+        z = z if mask is None else z * mask
         values.append(float(jnp.vdot(z, op.matvec(params, z))))
     values = np.asarray(values, np.float64)
     return TraceEstimate(float(values.mean()), float(values.std(ddof=1) / math.sqrt(num_samples)), values)

@@ -19,8 +19,8 @@ prepare ``cifar10_corrupted/<corruption>_<severity>`` for every corruption and s
 :mod:`fpbma.data.corruptions` (the same corruption suite). ``data_dir`` defaults to ``$FPBMA_DATA_DIR``.
 
 Protocol: SWAG prior collected along SGD on ImageNet (``source_size`` random training images at 224 px,
-BatchNorm in eval mode with the checkpoint's statistics, a new 1000-class head is not needed: the
-checkpoint's head is kept and fine-tuned for ``pretrain.steps``), then the "nl_ll" subset (BatchNorm +
+BatchNorm in eval mode with the checkpoint's statistics; the source has the checkpoint's 1000 classes, so
+its head is kept and fine-tuned for ``pretrain.steps``), then the "nl_ll" subset (BatchNorm +
 new head) trained on 10 + 10 images per class, BMA with S = 30 on the whole test split and on every
 corruption × severity. 32 px CIFAR images are resized to 224 px by the checkpoint's preprocessing
 (centre 87.5 % crop, ImageNet mean/std).

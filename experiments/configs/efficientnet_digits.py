@@ -28,7 +28,9 @@ is), grey → RGB, then the checkpoint's own preprocessing at ``model.image_size
 
 Budget: 64 px instead of 224 (≈ 12× fewer FLOPs), 60 head steps and 60 SWAG steps of batch 32, 60
 transfer steps, S = 10 in-domain and S = 3 on 2 images per class under 19 corruptions × severities 1, 3, 5.
-Measured (2 shared CPU cores, seed 0, cold work dir, ``--config.methods=fpbma,sgd``): see README; TBD.
+Not yet measured end to end: on the shared 2-core machine (load average ≈ 15) the source head and
+SWAG stages of a tiny override ran in ≈ 2 min, but compiling the EfficientNet transfer step did not
+finish within 25 min, so whether the full run fits 15 min on 2 idle cores is open.
 """
 
 from experiments.configs import base

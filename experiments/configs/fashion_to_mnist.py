@@ -11,7 +11,8 @@ per class, evaluated on the 1,000-image MNIST test split and its corrupted copie
 images, so nothing is resized. The budget is the default config's (600 + 150 source steps, 150 transfer
 steps, S = 30 in-domain, 19 corruptions × 5 severities on 4 test images per class with S = 5).
 
-Measured (2 shared CPU cores, seed 0, cold work dir, ``--config.methods=fpbma,sgd``): 6.1 min wall time.
+Measured: a tiny override (6 + 4 source steps, 2-shot, S = 2, no corruptions, methods fpbma,sgd) took
+12 min on the 2 shared cores under load average ≈ 15, mostly XLA compilation; the full run is not yet timed.
 
 Domain gap, honestly: clothes → digits share only low-level stroke/edge statistics, so the prior carries
 less than MNIST → digits; it is a harder transfer, not a paper setting (arXiv 2406.15664 §5 uses ImageNet

@@ -22,6 +22,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -127,6 +128,7 @@ def validate(config, stage: str) -> None:
         raise ConfigError(f"config.eval.severities={tuple(config.eval.severities)} must lie in 1..5.")
     corruptions_of(config)
     seeds_of(config, stage)
+    check_resources(config)
     for m in methods:
         if m in ("sgld", "emcmc") and config.transfer.steps < 4:
             raise ConfigError(f"method {m!r} needs config.transfer.steps >= 4 (one per cosine cycle).")
@@ -152,6 +154,71 @@ def validate(config, stage: str) -> None:
                               f"--config.method={config.method}` with the same config first.")
 
 
+def pretrained_of(config) -> str:
+    """``config.model.pretrained`` ("" or None: pre-train from scratch)."""
+    return config.model.get("pretrained", None) or ""
+
+
+def model_image_size(config) -> int:
+    """Input side of a pre-trained model (``config.model.image_size``, else the model's native size)."""
+    import fpbma.models
+
+    return int(config.model.get("image_size", None) or fpbma.models.spec(config.model.name).image_size)
+
+
+def check_resources(config) -> None:
+    """The pre-trained checkpoint and the TFDS datasets exist; one ConfigError naming what is missing."""
+    import fpbma.data
+    import fpbma.models
+    from fpbma.data import builders
+
+    name, path = config.model.name, pretrained_of(config)
+    if name != "cifar_resnet" and name not in fpbma.models.MODEL_NAMES:
+        raise ConfigError(f"config.model.name={name!r}; choose 'cifar_resnet' or one of {fpbma.models.MODEL_NAMES}.")
+    if path:
+        if name == "cifar_resnet":
+            raise ConfigError("config.model.pretrained is set but config.model.name='cifar_resnet' is always "
+                              "pre-trained from scratch; pass --config.model.pretrained='' or a name of fpbma.models.")
+        if path == "package":
+            if fpbma.models.spec(name).family != "efficientnet":
+                raise ConfigError(f"config.model.pretrained='package' only exists for efficientnet_lite0, not {name!r}; "
+                                  "pass the checkpoint file path.")
+            from fpbma.models import efficientnet
+            try:
+                efficientnet.efficientnet_lite0_weights_path()
+            except (ModuleNotFoundError, FileNotFoundError) as e:
+                raise ConfigError(f"config.model.pretrained='package': {e}") from None
+        elif not os.path.isfile(path):
+            raise ConfigError(f"config.model.pretrained={path!r}: checkpoint file not found; download it first "
+                              "(see the config's docstring) and pass --config.model.pretrained=/path/to/file.")
+    elif name != "cifar_resnet" and fpbma.models.spec(name).image_size >= 224:
+        raise ConfigError(f"config.model.name={name!r} is an ImageNet backbone and needs its pre-trained weights: "
+                          "pass --config.model.pretrained=/path/to/checkpoint (see the config's docstring).")
+    for field in ("source", "target"):
+        dataset = config.data[field]
+        if dataset == "fashion_mnist":
+            source_dir = config.data.get("source_dir") or os.environ.get("FPBMA_FASHION_MNIST_DIR") \
+                or builders.FASHION_MNIST_DEFAULT_DIR
+            try:
+                builders.check_fashion_mnist_source(source_dir)
+            except builders.MissingSourceError as e:
+                raise ConfigError(f"config.data.{field}='fashion_mnist': {e}") from None
+        elif dataset.split("/")[0] not in fpbma.data.OFFLINE_DATASETS:
+            try:  # TFDS datasets must be prepared already; the loader's message says how
+                fpbma.data.load(dataset, "train", data_dir=config.data.data_dir)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"config.data.{field}={dataset!r} is not available: {e}") from None
+    shift = config.eval.get("corrupted_dataset", None)
+    if shift and corruptions_of(config):
+        name0 = f"{shift}/{corruptions_of(config)[0]}_{int(config.eval.severities[0])}"
+        try:
+            fpbma.data.load(name0, "test", data_dir=config.data.data_dir)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"config.eval.corrupted_dataset={shift!r}: {name0!r} is not available ({e}); "
+                              "prepare it or pass --config.eval.corrupted_dataset='' to corrupt the test split "
+                              "on the fly.") from None
+
+
 def target_class_counts(config) -> np.ndarray:
     import fpbma.data
 
@@ -172,7 +239,10 @@ def _section(config, *names) -> dict:
 
 
 def stage_dir(config, stage: str) -> str:
-    base = {"seed": int(config.seed), "data": {k: config.data[k] for k in ("source", "image_size")},
+    data = {k: config.data[k] for k in ("source", "image_size")}
+    if config.data.get("source_size", None):
+        data["source_size"] = int(config.data.source_size)
+    base = {"seed": int(config.seed), "data": data,
             **_section(config, "model", "pretrain")}
     if stage == "source":
         return os.path.join(config.workdir, f"source-{_digest(base)}")
@@ -250,12 +320,26 @@ def source_data(config) -> dict:
     size = int(config.data.image_size)
     kwargs = {"source_dir": config.data.source_dir} if config.data.source_dir else None
 
+    limit = int(config.data.get("source_size", None) or 0)
+
     def build():
-        x, y = _arrays(fpbma.data.load(config.data.source, "train", data_dir=config.data.data_dir,
-                                       builder_kwargs=kwargs))
+        src = fpbma.data.load(config.data.source, "train", data_dir=config.data.data_dir, builder_kwargs=kwargs)
+        if 0 < limit < len(src):  # a fixed random subset (large sources such as ImageNet)
+            src = src.subset(np.sort(np.random.default_rng(int(config.seed)).permutation(len(src))[:limit]))
+        if None in src.info.image_shape[:2]:  # images of varying size: central square, resized one by one
+            images, labels = [], []
+            for start in range(0, len(src), 1024):
+                for e in src.get_batch(list(range(start, min(start + 1024, len(src))))):
+                    h, w = e["image"].shape[:2]
+                    top, left = (h - min(h, w)) // 2, (w - min(h, w)) // 2
+                    images.append(_resize(e["image"][None, top:top + min(h, w), left:left + min(h, w)], size)[0])
+                    labels.append(e["label"])
+            return {"image": np.stack(images), "label": np.asarray(labels, np.int32)}
+        x, y = _arrays(src)
         return {"image": _resize(x, size), "label": y}
 
-    return _cached(os.path.join(config.workdir, "data", f"{config.data.source}-train-{size}px.npz"), build)
+    name = config.data.source.replace("/", "_").replace(":", "_") + (f"-{limit}" if limit else "")
+    return _cached(os.path.join(config.workdir, "data", f"{name}-train-{size}px.npz"), build)
 
 
 def target_data(config, seed: int) -> dict:
@@ -273,8 +357,8 @@ def target_data(config, seed: int) -> dict:
                 "val_image": _resize(x[split.validation], size), "val_label": y[split.validation],
                 "test_image": _resize(xt, size), "test_label": yt, "test_raw": xt}
 
-    return _cached(os.path.join(config.workdir, "data", f"{config.data.target}-{k}shot-seed{seed}-{size}px.npz"),
-                   build)
+    name = config.data.target.replace("/", "_").replace(":", "_")
+    return _cached(os.path.join(config.workdir, "data", f"{name}-{k}shot-seed{seed}-{size}px.npz"), build)
 
 
 def corruption_subset(labels: np.ndarray, per_class: int) -> np.ndarray:
@@ -293,7 +377,27 @@ def corrupted_data(config, test_raw: np.ndarray, test_label: np.ndarray) -> dict
     idx = corruption_subset(test_label, per_class)
     key = _digest([names, severities, per_class, size, config.data.target])
 
+    shift = config.eval.get("corrupted_dataset", None)
+    if shift:
+        key = _digest([key, shift])
+
+    def build_from_tfds():
+        # A prepared corrupted test set (e.g. TFDS cifar10_corrupted): row i is test example i corrupted.
+        import fpbma.data
+
+        out = {"index": idx, "label": test_label[idx]}
+        for name in names:
+            for s in severities:
+                src = fpbma.data.load(f"{shift}/{name}_{s}", "test", data_dir=config.data.data_dir)
+                x, y = _arrays(src.subset(idx))
+                if not np.array_equal(y, test_label[idx]):
+                    raise ValueError(f"{shift}/{name}_{s} is not row-aligned with the {config.data.target} test split.")
+                out[f"{name}_{s}"] = _resize(x, size)
+        return out
+
     def build():
+        if shift:
+            return build_from_tfds()
         out = {"index": idx, "label": test_label[idx]}
         with progress_bar(config, len(names) * len(severities), "corrupting test images") as tick:
             for name in names:
@@ -321,11 +425,52 @@ def _cifar_resnet(num_blocks: int, num_classes: int, width: int, size: int, in_c
     return model, jax.jit(lambda k: model.init(k, jnp.zeros((1, size, size, in_channels)), train=False))
 
 
+@dataclasses.dataclass(frozen=True)
+class WithPreprocessing:
+    """A pre-trained model fed the pipeline's images: ``apply(variables, x)`` = ``model.apply(variables, P(x))``.
+
+    The pipeline stores uint8 images at ``config.data.image_size`` and feeds u/127.5 − 1 (:func:`normalise`);
+    P recovers u = round((x + 1)·127.5) exactly, repeats a grey channel to RGB and applies the weights' own
+    preprocessing at ``image_size``: :func:`fpbma.models.preprocess` (ResNet/ViT: centre crop, resize,
+    ImageNet/Inception mean and std) or, for EfficientNet-Lite0, the TF resize with (x − 127)/128 and its
+    eval crop fraction 224/256 kept at any size (``crop_padding`` = 32·size/224; the fixed padding of 32 px
+    would crop a 64 px input to 2/3). Parameters keep the inner model's names (``head``, ``*bn*``).
+    """
+
+    model: Any
+    name: str
+    image_size: int
+
+    def preprocess(self, x):
+        import fpbma.models
+
+        u = jnp.clip(jnp.round((jnp.asarray(x, jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+        if u.shape[-1] == 1:
+            u = jnp.repeat(u, 3, axis=-1)
+        if fpbma.models.spec(self.name).family == "efficientnet":
+            from fpbma.models import efficientnet
+
+            padding = int(round(efficientnet.CROP_PADDING * self.image_size / 224))
+            return efficientnet.preprocess_efficientnet_lite0(u, self.image_size, crop_padding=padding)
+        return fpbma.models.preprocess(self.name, u, image_size=self.image_size)
+
+    def apply(self, variables, x, *args, **kwargs):
+        return self.model.apply(variables, self.preprocess(x), *args, **kwargs)
+
+
 def build_model(config, num_classes: int, in_channels: int):
-    """``(model, variables)`` for ``config.model`` (a compact CifarResNet or a name of fpbma.models)."""
+    """``(model, variables)`` for ``config.model``: a compact CifarResNet, a name of fpbma.models, or, with
+    ``config.model.pretrained``, that model's pre-trained weights (a new zero head when ``num_classes``
+    differs from the checkpoint's) behind :class:`WithPreprocessing`."""
     import fpbma.models
 
     key = jax.random.PRNGKey(int(config.seed))
+    path = pretrained_of(config)
+    if path:
+        model, variables = fpbma.models.from_pretrained(config.model.name, None if path == "package" else path,
+                                                        num_classes=int(num_classes),
+                                                        image_size=model_image_size(config))
+        return WithPreprocessing(model, config.model.name, model_image_size(config)), dict(variables)
     if config.model.name == "cifar_resnet":
         model, init = _cifar_resnet(int(config.model.num_blocks), int(num_classes), int(config.model.width),
                                     int(config.data.image_size), int(in_channels))
@@ -403,6 +548,8 @@ def pretrain(config) -> dict:
     model, variables = build_model(config, num_classes, data["image"].shape[-1])
     if os.path.isdir(final):
         return restore_checkpoint(final, like=variables)
+    if pretrained_of(config):
+        return _train_source_head(config, model, variables, data)
     c = config.pretrain
     tx = optax.chain(optax.add_decayed_weights(c.weight_decay),
                      optax.sgd(optax.cosine_decay_schedule(c.learning_rate, c.steps), momentum=c.momentum))
@@ -432,6 +579,43 @@ def pretrain(config) -> dict:
     return out
 
 
+def _train_source_head(config, model, variables, data) -> dict:
+    """The source stage of a pre-trained backbone: the loaded weights, with the source ``head`` trained.
+
+    ``from_pretrained`` gives a zero head when the source classes differ from the checkpoint's; the SWAG
+    prior then needs a head that fits the source task, so only the head is trained here (``pretrain.steps``
+    of SGD with momentum, cosine rate, weight decay), every other weight and the checkpoint's BatchNorm
+    running statistics fixed (BatchNorm in eval mode, no dropout). A checkpoint head of the source's size
+    is fine-tuned the same way.
+    """
+    directory, c = stage_dir(config, "source"), config.pretrain
+    extra = {k: v for k, v in variables.items() if k != "params"}
+    body, head = transfer._split_head(variables["params"])
+    tx = optax.chain(optax.add_decayed_weights(c.weight_decay),
+                     optax.sgd(optax.cosine_decay_schedule(c.learning_rate, c.steps), momentum=c.momentum))
+
+    def step(state, batch, key):
+        del key
+
+        def loss(h):
+            logits = model.apply({**extra, "params": {**body, **h}}, batch["image"], train=False)
+            return transfer._cross_entropy(logits, batch["label"])
+
+        updates, opt_state = tx.update(jax.grad(loss)(state["head"]), state["opt_state"], state["head"])
+        return {"step": state["step"] + 1, "head": optax.apply_updates(state["head"], updates),
+                "opt_state": opt_state}
+
+    init = {"step": jnp.zeros([], jnp.int32), "head": head, "opt_state": tx.init(head)}
+    state, finished = run_loop(config, directory, init, step,
+                               {"image": normalise(data["image"]), "label": data["label"]},
+                               num_steps=c.steps, batch_size=c.batch_size, seed=int(config.seed),
+                               desc="train source head")
+    out = {**variables, "params": {**body, **state["head"]}}
+    if finished:
+        save_checkpoint(os.path.join(directory, "final"), out, overwrite=True)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Stage 2: the SWAG prior.
 
@@ -451,14 +635,24 @@ def fit_prior(config, source_variables=None):
         return restore_checkpoint(final, like=like)
     if source_variables is None:
         source_variables = restore_checkpoint(os.path.join(stage_dir(config, "source"), "final"), like=variables)
-    stats = source_variables["batch_stats"]
     images = normalise(data["image"])
+    if pretrained_of(config):
+        extra = {k: v for k, v in source_variables.items() if k != "params"}
 
-    def loss(p, batch):
-        # SWAG follows the source training: BatchNorm in train mode (batch statistics); the running
-        # statistics are not updated, the source ones are kept for the target (module docstring).
-        logits, _ = model.apply({"params": p, "batch_stats": stats}, batch[0], train=True, mutable=["batch_stats"])
-        return transfer._cross_entropy(logits, batch[1])
+        def loss(p, batch):
+            # A pre-trained backbone keeps its checkpoint's running statistics (eval-mode BatchNorm, no
+            # dropout), as in the target stage: SWAG moves the weights around the loaded ones, while
+            # batch statistics of small source batches would not describe the checkpoint's network.
+            return transfer._cross_entropy(model.apply({**extra, "params": p}, batch[0], train=False), batch[1])
+    else:
+        stats = source_variables["batch_stats"]
+
+        def loss(p, batch):
+            # SWAG follows the source training: BatchNorm in train mode (batch statistics); the running
+            # statistics are not updated, the source ones are kept for the target (module docstring).
+            logits, _ = model.apply({"params": p, "batch_stats": stats}, batch[0], train=True,
+                                    mutable=["batch_stats"])
+            return transfer._cross_entropy(logits, batch[1])
 
     c = config.prior
     seed = int(config.seed) + 1
@@ -495,7 +689,7 @@ def setup_transfer(config, seed: int, prior=None, source_variables=None):
         prior = fit_prior(config, source_variables)
     scheme = transfer.make_scheme(prior, variables["params"], config.transfer.scheme, config.transfer.alpha,
                                   kl_min_var=config.transfer.kl_min_var)
-    extra = {"batch_stats": source_variables["batch_stats"]}
+    extra = {k: v for k, v in source_variables.items() if k != "params"}  # BatchNorm statistics, if any
     return data, model, extra, scheme
 
 

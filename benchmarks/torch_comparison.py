@@ -16,6 +16,8 @@ subprocess (``--child``) and report their own same-process ratios.
 
     PYTHONPATH=. python -m benchmarks.torch_comparison                  # default + flag variants
     PYTHONPATH=. python -m benchmarks.torch_comparison --steps 30 --no-variants
+    PYTHONPATH=. python -m benchmarks.torch_comparison --torch-threads 1 \
+        --flags=--xla_cpu_multi_thread_eigen=false,--xla_cpu_use_onednn=true
 """
 
 from __future__ import annotations
@@ -157,6 +159,8 @@ def main():
                         "OpenMP spin-waiting degrades badly when other processes oversubscribe the cores")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-variants", action="store_true", help="only the default XLA flags")
+    parser.add_argument("--flags", metavar="XLA_FLAGS,...", help="run only these comma-separated XLA_FLAGS "
+                        "variants ('default' for none), e.g. --flags=default,--xla_cpu_use_onednn=true")
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(measure(args.batch, args.steps, args.torch_threads)))
@@ -165,7 +169,9 @@ def main():
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     print("| XLA_FLAGS | op | torch ms | JAX ms | JAX/torch | torch threads | load |")
     print("|---|---|---|---|---|---|---|")
-    for flags in ([""] if args.no_variants else FLAG_VARIANTS):
+    variants = FLAG_VARIANTS if args.flags is None else ["" if f == "default" else f
+                                                          for f in args.flags.split(",")]
+    for flags in ([""] if args.no_variants else variants):
         env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         proc = subprocess.run([sys.executable, "-m", "benchmarks.torch_comparison", "--child", "--batch",
                                str(args.batch), "--steps", str(args.steps), "--torch-threads",

@@ -51,8 +51,14 @@ def split_posterior(q, scheme):
     return type(q)(*[p[0] for p in parts]), type(q)(*[p[1] for p in parts])
 
 
-def make_setups(model, variables, key, setting, compute_dtype=None):
-    """{method: (step_fn, initial TrainState)} for one model and setting ("nl_ll" or "full")."""
+def make_setups(model, variables, key, setting, compute_dtype=None, profile=False):
+    """{method: (step_fn, initial TrainState)} for one model and setting ("nl_ll" or "full").
+
+    With ``profile`` (nl_ll only) three more rows split FP-BMA's cost: ``fpbma_fixed`` (frozen weights
+    at the prior mean: no sampling of the ~P frozen weights), ``vi`` (one pass with sampling and KL:
+    everything but the perturbed pass) and ``fpbma_rbg`` (the same FP-BMA step fed an ``rbg`` PRNG key,
+    a cheaper bit generator than threefry for the per-step noise).
+    """
     params, stats = variables["params"], variables["batch_stats"]
     prior = low_rank_prior(params, key)
 
@@ -83,9 +89,15 @@ def make_setups(model, variables, key, setting, compute_dtype=None):
         for name, tx in (("sgd", sgd), ("sam", sam)):
             setups[name] = (parallel.make_train_step(point_loss, tx, **kw),
                             parallel.TrainState.create(prior_sub.mean, tx, point_state))
+        bayes_state = {"batch_stats": stats, "prior_rest": prior_rest}
         setups["fpbma"] = (parallel.make_train_step(bayes_loss, fp, prior=prior_sub, num_data=50_000, **kw),
-                           parallel.TrainState.create(prior_sub, fp, {"batch_stats": stats,
-                                                                       "prior_rest": prior_rest}))
+                           parallel.TrainState.create(prior_sub, fp, bayes_state))
+        if profile:
+            setups["fpbma_fixed"] = (parallel.make_train_step(point_loss, fp, prior=prior_sub, num_data=50_000, **kw),
+                                     parallel.TrainState.create(prior_sub, fp, point_state))
+            setups["vi"] = (parallel.make_train_step(bayes_loss, sgd, prior=prior_sub, num_data=50_000, **kw),
+                            parallel.TrainState.create(prior_sub, sgd, bayes_state))
+            setups["fpbma_rbg"] = setups["fpbma"]
     else:
         def loss(w, ms, batch, key):
             return apply(w, ms, batch["image"], batch["label"])
@@ -98,6 +110,10 @@ def make_setups(model, variables, key, setting, compute_dtype=None):
     return setups
 
 
+def _key(name, i):
+    return jax.random.key(i, impl="rbg") if name.endswith("_rbg") else jax.random.PRNGKey(i)
+
+
 def time_round_robin(setups, batch, steps, warmup=2, mesh=None):
     """Median seconds per step of each method, timing one step of each in turn."""
     mesh = mesh or parallel.data_mesh(jax.devices()[:1])
@@ -107,11 +123,11 @@ def time_round_robin(setups, batch, steps, warmup=2, mesh=None):
         step = parallel.make_data_parallel_step(step_fn, mesh)
         state = parallel.replicate(state, mesh)
         t0 = time.perf_counter()
-        state, _ = step(state, batch, jax.random.PRNGKey(0))
+        state, _ = step(state, batch, _key(name, 0))
         jax.block_until_ready(state)
         compile_s[name] = time.perf_counter() - t0
         for i in range(warmup):
-            state, _ = step(state, batch, jax.random.PRNGKey(i))
+            state, _ = step(state, batch, _key(name, i))
         jax.block_until_ready(state)
         runners[name] = [step, state]
     times = {name: [] for name in setups}
@@ -119,7 +135,7 @@ def time_round_robin(setups, batch, steps, warmup=2, mesh=None):
         for name, runner in runners.items():
             step, state = runner
             t0 = time.perf_counter()
-            state, metrics = step(state, batch, jax.random.PRNGKey(i))
+            state, metrics = step(state, batch, _key(name, i))
             jax.block_until_ready((state, metrics))
             times[name].append(time.perf_counter() - t0)
             runner[1] = state
@@ -138,6 +154,7 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="timed steps per method (median)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--bf16", action="store_true", help="compute_dtype=bfloat16 (θ stays float32)")
+    parser.add_argument("--profile", action="store_true", help="nl_ll: extra rows splitting FP-BMA's cost")
     args = parser.parse_args()
     if args.steps < 1 or args.batch < 1:
         parser.error("--steps and --batch must be >= 1")
@@ -152,7 +169,8 @@ def main():
         batch = {"image": jax.random.normal(key, (args.batch, 32, 32, 3)),
                  "label": jnp.arange(args.batch) % 10}
         for setting in args.settings:
-            setups = make_setups(model, variables, key, setting, jnp.bfloat16 if args.bf16 else None)
+            setups = make_setups(model, variables, key, setting, jnp.bfloat16 if args.bf16 else None,
+                                 profile=args.profile and setting == "nl_ll")
             trainable = partition.count(setups["sgd"][1].params)
             t, _ = time_round_robin(setups, batch, args.steps)
             ratio = t["fpbma"] / t["sgd"]
@@ -160,6 +178,9 @@ def main():
                   f"{1e3 * t['sgd']:.1f} | {1e3 * t['sam']:.1f} | {1e3 * t['fpbma']:.1f} | "
                   f"{t['sam'] / t['sgd']:.2f} | {ratio:.2f} | ≤ {GOALS[setting]} | "
                   f"{'yes' if ratio <= GOALS[setting] else 'no'} |", flush=True)
+            extra = {k: v / t["sgd"] for k, v in t.items() if k not in ("sgd", "sam", "fpbma")}
+            if extra:
+                print("  profile, ratio to SGD: " + ", ".join(f"{k} {v:.2f}" for k, v in extra.items()), flush=True)
     print(f"load average at end {os.getloadavg()[0]:.1f}")
 
 

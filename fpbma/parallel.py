@@ -11,10 +11,11 @@ Two equivalent ways to run one training step on D devices (issue 8):
 
   the same number as on one device up to float32 reduction order. BatchNorm batch statistics are
   means over the global batch too, i.e. synchronised across devices with no extra code.
-* **pmap** (:func:`make_pmap_step`): the same step with a named axis; the optimizer averages both
-  FP-BMA gradients over it (``fpbma.fpbma(..., batch_axis_name=axis)`` pmeans the clean gradient
-  before forming Δ* and the perturbed one after) and BatchNorm averages its statistics when built
-  with ``axis_name`` (:class:`fpbma.models.resnet.BatchNorm` ``axis_name=``).
+* **pmap** (:func:`make_pmap_step`): the same step with a named axis; the step pmeans both
+  gradients over it (the clean one before the perturbation Δ* or SAM's ε* is formed from it, the
+  perturbed one after), so every method — SGD, SAM, FP-BMA, ... — gives the one-device numbers, and
+  BatchNorm averages its statistics when built with ``axis_name``
+  (:class:`fpbma.models.resnet.BatchNorm` ``axis_name=``).
 
 The step itself comes from :func:`make_train_step`: one jitted program draws the reparameterisation
 noise, runs the clean forward/backward pass, forms the Fisher-weighted perturbation
@@ -243,9 +244,11 @@ def make_train_step(
     SAM, FSAM, ... (``grad_fn`` is passed when the transform takes extra arguments).
 
     The model state (BatchNorm running statistics) is taken from the clean pass only; the perturbed
-    pass's side effects are discarded. Under pmap the metrics and model state are averaged over
-    ``batch_axis_name`` so replicas stay identical; ``tx`` must be built with the same
-    ``batch_axis_name`` so it averages the gradients.
+    pass's side effects are discarded. Under pmap (``batch_axis_name`` set) both gradients — the
+    clean g and every ``grad_fn`` result — the metrics and the model state are averaged over the
+    axis, so each replica sees the global-batch gradient and replicas stay identical for any ``tx``
+    (SGD, SAM, FP-BMA, ...); ``tx`` need not be built with ``batch_axis_name`` (if it is, its own
+    pmean of already-averaged gradients changes nothing).
 
     Args:
       loss_fn: ``loss_fn(weights, model_state, batch, key) -> (loss, new_model_state)``: the mean
@@ -286,8 +289,14 @@ def make_train_step(
                 total = total + kl_weight * post.kl_divergence(theta, prior) / num_data
             return total, (loss, new_model_state)
 
-        grad_fn = lambda theta: jax.grad(lambda t: objective(t)[0])(theta)
+        def grad_fn(theta):
+            return _mean_over(jax.grad(lambda t: objective(t)[0])(theta), batch_axis_name)
+
         (total, (loss, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        # Averaging here (not only inside tx) makes every method exact under pmap, including
+        # transforms that know no axis name (optax.sgd) or average only their second gradient
+        # (optax.contrib.sam perturbs with the local one). A second pmean inside tx is an identity.
+        grads = _mean_over(grads, batch_axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
         params = optax.apply_updates(state.params, updates)
         # Running statistics may have been promoted to compute_dtype; keep the carry's dtypes fixed.
@@ -302,6 +311,10 @@ def make_train_step(
         return TrainState(params, opt_state, model_state, state.step + 1), metrics
 
     return step
+
+
+def _mean_over(tree, axis_name):
+    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
 
 def _find_num_skipped(opt_state):
@@ -362,9 +375,8 @@ def make_pmap_step(step_fn: Callable, axis_name: str = "batch", donate: bool = T
     """``jax.pmap`` of ``step_fn(state, batch, key)`` over ``axis_name``.
 
     ``step_fn`` must average over ``axis_name`` itself: build it with
-    ``make_train_step(..., batch_axis_name=axis_name)`` around a transform built with the same name
-    (``fpbma.fpbma(..., batch_axis_name=axis_name)``), and give BatchNorm ``axis_name=axis_name``
-    to synchronise its statistics. The state carries a leading device axis
+    ``make_train_step(..., batch_axis_name=axis_name)`` (any ``tx``), and give BatchNorm
+    ``axis_name=axis_name`` to synchronise its statistics. The state carries a leading device axis
     (:func:`replicate_for_pmap`), the batch is ``(D, B/D, ...)`` (:func:`stack_for_pmap` or the
     pipeline's ``layout="stack"``); the key is broadcast so every device draws the same noise.
     """

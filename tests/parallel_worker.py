@@ -159,6 +159,39 @@ def main():
         out[kind]["cache_size"] = step8.num_compilations()
 
     mark("compile count")
+    # Point-estimate methods through the same make_train_step: plain weights, transforms built with
+    # no axis name (the step itself averages both gradients under pmap).
+    import fpbma.baselines as B
+    for name, make_tx in (("sgd", lambda: B.sgd(0.1, momentum=0.9)), ("sam", lambda: B.sam(0.1, rho=0.2))):
+        tx = make_tx()
+        state0_w = parallel.TrainState.create(variables["params"], tx, {"batch_stats": variables["batch_stats"]})
+        step_fn = parallel.make_train_step(make_loss(plain), tx)
+        one_w, losses_one, _ = run_jit(step_fn, mesh1, state0_w, batches, step_key)
+        eight_w, losses_eight, _ = run_jit(step_fn, mesh8, state0_w, batches, step_key)
+        pstep = parallel.make_pmap_step(parallel.make_train_step(make_loss(synced), tx, batch_axis_name="batch"))
+        pstate = parallel.replicate_for_pmap(jax.tree.map(jnp.copy, state0_w))
+        losses_pmap = []
+        for b in batches:
+            pstate, m = pstep(pstate, parallel.stack_for_pmap(b), step_key)
+            losses_pmap.append(float(m["loss"][0]))
+        replica_spread = max_diff(jax.tree.map(lambda x: x[0], pstate), jax.tree.map(lambda x: x[-1], pstate))
+        pstate = parallel.unreplicate(pstate)
+        out[name] = {
+            "moved": max_diff(one_w.params, state0_w.params),
+            "stats_moved": max_diff(one_w.model_state, state0_w.model_state),
+            "jit8_params": max_diff(one_w.params, eight_w.params),
+            "jit8_stats": max_diff(one_w.model_state, eight_w.model_state),
+            "jit8_loss": max(abs(a - b) for a, b in zip(losses_one, losses_eight)),
+            "pmap_params": max_diff(one_w.params, pstate.params),
+            "pmap_stats": max_diff(one_w.model_state, pstate.model_state),
+            "pmap_opt": max_diff(one_w.opt_state, pstate.opt_state),
+            "pmap_loss": max(abs(a - b) for a, b in zip(losses_one, losses_pmap)),
+            "pmap_replica_spread": replica_spread,
+            "steps": int(eight_w.step),
+            "param_sharding_replicated": all(x.sharding.is_fully_replicated
+                                             for x in jax.tree_util.tree_leaves(eight_w.params)),
+        }
+        mark(name)
     # Donation: the input state's buffers are consumed by the step.
     state = parallel.replicate(state0, mesh8)
     new_state, _ = step8(state, parallel.shard_batch(batches[0], mesh8), step_key)

@@ -242,8 +242,9 @@ def stage_dir(config, stage: str) -> str:
     data = {k: config.data[k] for k in ("source", "image_size")}
     if config.data.get("source_size", None):
         data["source_size"] = int(config.data.source_size)
-    base = {"seed": int(config.seed), "data": data,
-            **_section(config, "model", "pretrain")}
+    base = {"seed": int(config.seed), "data": data, **_section(config, "model", "pretrain")}
+    # Fields added after the first release enter the digest only when set, so older caches stay valid.
+    base["model"] = {k: v for k, v in base["model"].items() if not (k in ("pretrained", "image_size") and not v)}
     if stage == "source":
         return os.path.join(config.workdir, f"source-{_digest(base)}")
     if stage == "prior":

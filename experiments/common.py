@@ -238,13 +238,19 @@ def _section(config, *names) -> dict:
     return {n: config[n].to_dict() if hasattr(config[n], "to_dict") else config[n] for n in names}
 
 
+# Fields added after the first release enter the stage digest only when set, so older caches stay valid.
+_OPTIONAL_DIGEST_FIELDS = {"data": ("source_size",), "model": ("pretrained", "image_size")}
+
+
+def _digest_fields(section: str, fields: dict) -> dict:
+    optional = _OPTIONAL_DIGEST_FIELDS[section]
+    return {k: v for k, v in fields.items() if not (k in optional and not v)}
+
+
 def stage_dir(config, stage: str) -> str:
-    data = {k: config.data[k] for k in ("source", "image_size")}
-    if config.data.get("source_size", None):
-        data["source_size"] = int(config.data.source_size)
-    base = {"seed": int(config.seed), "data": data, **_section(config, "model", "pretrain")}
-    # Fields added after the first release enter the digest only when set, so older caches stay valid.
-    base["model"] = {k: v for k, v in base["model"].items() if not (k in ("pretrained", "image_size") and not v)}
+    data = {k: config.data[k] for k in ("source", "image_size", "source_size") if k in config.data}
+    base = {"seed": int(config.seed), "data": _digest_fields("data", data),
+            "model": _digest_fields("model", config.model.to_dict()), "pretrain": config.pretrain.to_dict()}
     if stage == "source":
         return os.path.join(config.workdir, f"source-{_digest(base)}")
     if stage == "prior":

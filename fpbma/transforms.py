@@ -231,8 +231,11 @@ def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransf
     def update_fn(updates, state, params=None, **extra_args):
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
         ok = jnp.logical_and(_all_finite(updates), _all_finite(new_updates))
-        new_updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates)
-        new_inner = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_inner, state.inner_state)
+        # One conditional, not a jnp.where per leaf: per-leaf selects tie every output to both passes'
+        # gradients and made XLA:CPU compile FP-BMA steps 2-2.5x slower (ResNet-20: 69 s -> 28 s).
+        new_updates, new_inner = jax.lax.cond(
+            ok, lambda: (new_updates, new_inner),
+            lambda: (jax.tree.map(jnp.zeros_like, new_updates), state.inner_state))
         return new_updates, SkipNonFiniteState(new_inner, state.num_skipped + (1 - ok.astype(jnp.int32)))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

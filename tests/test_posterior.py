@@ -87,6 +87,24 @@ def test_sample_moments_match_covariance(family):
     assert np.all(np.abs(emp - cov) < 5 * cov_se)
 
 
+def test_tree_normal_like_shapes_dtypes_and_independent_leaves():
+    """One flat draw cut into leaves: shapes kept, ≥ float32, leaves uncorrelated with unit variance."""
+    tree = {"w": jnp.zeros((300, 200)), "b": jnp.zeros((), jnp.bfloat16), "c": [jnp.zeros((4, 1, 3), jnp.int32)]}
+    z = fpbma.posterior.tree_normal_like(jax.random.PRNGKey(0), tree)
+    assert jax.tree.structure(z) == jax.tree.structure(tree)
+    assert [(x.shape, x.dtype) for x in jax.tree.leaves(z)] == [((), jnp.float32), ((4, 1, 3), jnp.float32),
+                                                                  ((300, 200), jnp.float32)]
+    w = np.asarray(z["w"], np.float64)
+    n = w.size
+    assert abs(w.mean()) < 5 / np.sqrt(n) and abs(w.var() - 1) < 5 * np.sqrt(2 / n)
+    # adjacent leaves come from adjacent slices of one draw: they must not repeat or correlate
+    halves = w.reshape(2, -1)
+    assert abs(np.corrcoef(halves)[0, 1]) < 5 / np.sqrt(n / 2)
+    z2 = fpbma.posterior.tree_normal_like(jax.random.PRNGKey(1), tree)
+    assert not np.array_equal(z["w"], z2["w"])
+    assert fpbma.posterior.tree_normal_like(jax.random.PRNGKey(0), {}) == {}
+
+
 def test_sample_from_noise_is_deterministic_and_linear():
     q = random_low_rank(jax.random.PRNGKey(9), 3, dtype=jnp.float32)
     noise = fpbma.sample_noise(q, jax.random.PRNGKey(10))

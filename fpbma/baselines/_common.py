@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fpbma.posterior import tree_normal_like  # noqa: F401  (re-exported for the samplers)
 from fpbma.transforms import _check_number as check_number  # one validation rule for the whole library
 
 PyTree = Any
@@ -36,14 +37,6 @@ def outer_sgd(learning_rate, momentum: float, weight_decay: float, nesterov: boo
         parts.append(optax.trace(decay=momentum, nesterov=nesterov))
     parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)
-
-
-def tree_normal_like(key: jax.Array, tree: PyTree) -> PyTree:
-    """Independent standard normals shaped like ``tree`` (one key per leaf)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, max(len(leaves), 1))
-    return jax.tree.unflatten(treedef, [jax.random.normal(k, jnp.shape(x), jnp.result_type(x, jnp.float32))
-                                        for k, x in zip(keys, leaves)])
 
 
 def find_state(state: Any, state_type: type, needed_by: str):

@@ -126,16 +126,8 @@ def posterior_directions(q, num: int = 2, *, key: Optional[jax.Array] = None) ->
         if key is None:
             raise ValueError("posterior_directions of a DiagGaussian draws random σ-scaled directions: pass key=.")
         return tuple(jax.tree.map(lambda s, e: jnp.exp(s) * e, q.log_std,
-                                  _normal_like(k, q.mean)) for k in jax.random.split(key, num))
+                                  post.tree_normal_like(k, q.mean)) for k in jax.random.split(key, num))
     raise TypeError(f"posterior_directions needs a DiagGaussian or LowRankGaussian, got {type(q).__name__}.")
-
-
-def _normal_like(key, tree):
-    """Independent standard normals shaped like ``tree`` (one key per leaf)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, max(len(leaves), 1))
-    return jax.tree.unflatten(treedef, [jax.random.normal(k, jnp.shape(x), jnp.result_type(x, jnp.float32))
-                                        for k, x in zip(keys, leaves)])
 
 
 def _check_direction(params, d, name):

@@ -17,11 +17,15 @@ import nbformat
 HERE = pathlib.Path(__file__).resolve().parent
 
 INSTALL = '''\
-# Colab: install fpbma from its repository if it is not importable yet.
-import importlib.util, subprocess, sys
+# Colab: install fpbma if it is not importable yet, from a wheel uploaded next to the notebook
+# (`pip wheel --no-deps .` in a checkout makes fpbma-*.whl) or else from the git repository.
+import glob, importlib.util, os, subprocess, sys
 if importlib.util.find_spec("fpbma") is None:
-    REPO = "https://github.com/fpbma/fpbma"  # the repository you cloned fpbma from
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO}"], check=True)'''
+    REPO = os.environ.get("FPBMA_REPO", "https://github.com/fpbma/fpbma")  # or the URL of your clone/fork
+    wheels = sorted(glob.glob("fpbma-*.whl"))
+    source = wheels[-1] if wheels else f"git+{REPO}"
+    print("installing fpbma from", source)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], check=True)'''
 
 
 def md(text: str):

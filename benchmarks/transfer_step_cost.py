@@ -97,7 +97,9 @@ def make_setups(model, variables, key, setting, compute_dtype=None, profile=Fals
                                      parallel.TrainState.create(prior_sub, fp, point_state))
             setups["vi"] = (parallel.make_train_step(bayes_loss, sgd, prior=prior_sub, num_data=50_000, **kw),
                             parallel.TrainState.create(prior_sub, sgd, bayes_state))
-            setups["fpbma_rbg"] = setups["fpbma"]
+            # A distinct function object: jax.jit caches per function, and the rbg key is another input type.
+            fp_step, fp_state = setups["fpbma"]
+            setups["fpbma_rbg"] = (lambda state, batch, key: fp_step(state, batch, key), fp_state)
     else:
         def loss(w, ms, batch, key):
             return apply(w, ms, batch["image"], batch["label"])

@@ -807,7 +807,7 @@ def write_report(config, results: dict, wall_time: float) -> None:
     with open(os.path.join(wd, "results.json"), "w") as f:
         json.dump(payload, f, indent=1, default=str)
 
-    def mean(method, path):
+    def values(method, path):
         vals = []
         for r in results[method].values():
             v = r
@@ -815,7 +815,18 @@ def write_report(config, results: dict, wall_time: float) -> None:
                 v = v.get(p) if isinstance(v, dict) else None
             if v is not None:
                 vals.append(v)
+        return vals
+
+    def mean(method, path):
+        vals = values(method, path)
         return np.mean(vals) if vals else float("nan")
+
+    def cell(method, path):
+        """mean, or mean ± standard deviation over seeds when there are several."""
+        vals = values(method, path)
+        if not vals:
+            return "nan"
+        return f"{np.mean(vals):.4f}" + (f" ± {np.std(vals, ddof=1):.4f}" if len(vals) > 1 else "")
 
     seeds = sorted({s for r in results.values() for s in r})
     lines = [f"Transfer {config.data.source} → {config.data.target} ({config.data.k_shot}-shot, scheme "
@@ -825,10 +836,10 @@ def write_report(config, results: dict, wall_time: float) -> None:
              "| shift ECE ↓ | shift NLL (TS) | shift ECE (TS) |",
              "|---" * 12 + "|"]
     for m in results:
-        row = [mean(m, ("in_domain", k, x)) for k in ("raw", "ts") for x in ("acc", "nll", "ece")]
-        row += [mean(m, ("corruption_mean", "raw", x)) for x in ("acc", "nll", "ece")]
-        row += [mean(m, ("corruption_mean", "ts", x)) for x in ("nll", "ece")]
-        lines.append(f"| {m} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
+        row = [cell(m, ("in_domain", k, x)) for k in ("raw", "ts") for x in ("acc", "nll", "ece")]
+        row += [cell(m, ("corruption_mean", "raw", x)) for x in ("acc", "nll", "ece")]
+        row += [cell(m, ("corruption_mean", "ts", x)) for x in ("nll", "ece")]
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
     with open(os.path.join(wd, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

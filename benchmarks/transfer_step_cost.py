@@ -54,10 +54,11 @@ def split_posterior(q, scheme):
 def make_setups(model, variables, key, setting, compute_dtype=None, profile=False):
     """{method: (step_fn, initial TrainState)} for one model and setting ("nl_ll" or "full").
 
-    With ``profile`` (nl_ll only) three more rows split FP-BMA's cost: ``fpbma_fixed`` (frozen weights
+    With ``profile`` (nl_ll only) four more rows split FP-BMA's cost: ``fpbma_fixed`` (frozen weights
     at the prior mean: no sampling of the ~P frozen weights), ``vi`` (one pass with sampling and KL:
-    everything but the perturbed pass) and ``fpbma_rbg`` (the same FP-BMA step fed an ``rbg`` PRNG key,
-    a cheaper bit generator than threefry for the per-step noise).
+    everything but the perturbed pass), ``fpbma_rbg`` (the same FP-BMA step fed an ``rbg`` PRNG key,
+    a cheaper bit generator than threefry for the per-step noise) and ``sgd_sampled`` (SGD with the
+    frozen weights drawn from the prior at every step, as ``experiments.transfer`` trains every method).
     """
     params, stats = variables["params"], variables["batch_stats"]
     prior = low_rank_prior(params, key)
@@ -97,6 +98,9 @@ def make_setups(model, variables, key, setting, compute_dtype=None, profile=Fals
                                      parallel.TrainState.create(prior_sub, fp, point_state))
             setups["vi"] = (parallel.make_train_step(bayes_loss, sgd, prior=prior_sub, num_data=50_000, **kw),
                             parallel.TrainState.create(prior_sub, sgd, bayes_state))
+            # SGD as the transfer experiments run it: the frozen weights drawn from the prior every step too.
+            setups["sgd_sampled"] = (parallel.make_train_step(bayes_loss, sgd, **kw),
+                                     parallel.TrainState.create(prior_sub.mean, sgd, bayes_state))
             # A distinct function object: jax.jit caches per function, and the rbg key is another input type.
             fp_step, fp_state = setups["fpbma"]
             setups["fpbma_rbg"] = (lambda state, batch, key: fp_step(state, batch, key), fp_state)

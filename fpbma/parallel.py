@@ -207,6 +207,7 @@ class TrainState(NamedTuple):
 
     @classmethod
     def create(cls, params, tx: optax.GradientTransformation, model_state=None) -> "TrainState":
+        """Step 0 with ``tx.init(params)`` and ``model_state`` (``{}`` when None)."""
         return cls(params, tx.init(params), {} if model_state is None else model_state,
                    jnp.zeros([], jnp.int32))
 

@@ -103,6 +103,7 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def fashion_mnist_install_hint(source_dir: str) -> str:
+    """The one-line error text for missing Fashion-MNIST IDX files: what is missing and how to install it."""
     return (
         f"Fashion-MNIST source files not found in {source_dir!r} (expected "
         + ", ".join(sorted(f for pair in FASHION_MNIST_FILES.values() for f in pair))
@@ -200,6 +201,7 @@ class FpbmaFashionMnist(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def check_source(self) -> None:
+        """Raises one clear error before any work if the IDX source files are missing."""
         check_fashion_mnist_source(self.source_dir)
 
     def _info(self) -> tfds.core.DatasetInfo:

@@ -112,6 +112,8 @@ def few_shot(src, k: int, seed: int, *, exclude: Sequence[int] | None = None) ->
 
 
 class CoopEntry(NamedTuple):
+    """One line of a CoOp ``split_zhou_*.json`` file: image path, label and class name."""
+
     path: str
     label: int
     classname: str
@@ -208,4 +210,5 @@ class ConcatSource:
         return {"image": ex["image"], "label": int(self.labels[int(i)])}
 
     def get_batch(self, positions):
+        """The examples at ``positions`` (grain / TFDS random-access protocol)."""
         return [self[p] for p in positions]

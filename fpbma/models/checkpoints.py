@@ -86,6 +86,7 @@ class Converted(dict):
         self.unused: list[str] = []
 
     def put(self, path: Path, value: np.ndarray, source: str):
+        """Stores ``value`` (as float32) at the Flax ``path`` and remembers the checkpoint key it came from."""
         self[path] = _f32(value)
         self.source[path] = source
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import time
 
@@ -184,12 +185,15 @@ def main():
                   f"{1e3 * t['sgd']:.1f} | {1e3 * t['sam']:.1f} | {1e3 * t['fpbma']:.1f} | "
                   f"{t['sam'] / t['sgd']:.2f} | {ratio:.2f} | ≤ {GOALS[setting]} | "
                   f"{'yes' if ratio <= GOALS[setting] else 'no'} |", flush=True)
+            print(f"  training images/s: SGD {args.batch / t['sgd']:.1f}, SAM {args.batch / t['sam']:.1f}, "
+                  f"FP-BMA {args.batch / t['fpbma']:.1f}", flush=True)
             print("  first call (compile + one step), s: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in compile_s.items()), flush=True)
             extra = {k: v / t["sgd"] for k, v in t.items() if k not in ("sgd", "sam", "fpbma")}
             if extra:
                 print("  profile, ratio to SGD: " + ", ".join(f"{k} {v:.2f}" for k, v in extra.items()), flush=True)
-    print(f"load average at end {os.getloadavg()[0]:.1f}")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"process max RSS {rss:.0f} MiB; load average at end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

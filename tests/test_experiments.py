@@ -18,20 +18,16 @@ import numpy as np
 import pytest
 
 from experiments import common
-from experiments.configs import tiny
+from tests.experiment_utils import tiny_config
 from fpbma import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(workdir, **overrides):
-    c = tiny.get_config()
-    c.workdir = str(workdir)
-    c.eval.corruptions = "gaussian_noise,contrast"
-    c.eval.severities = (1, 5)
-    for name, value in overrides.items():
-        section, _, field = name.rpartition(".")
-        (c[section] if section else c)[field] = value
+    c = tiny_config(workdir, corruptions="gaussian_noise,contrast", **overrides)
+    if "eval.severities" not in overrides:
+        c.eval.severities = (1, 5)
     return c
 
 

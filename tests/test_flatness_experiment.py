@@ -23,7 +23,7 @@ from jax.flatten_util import ravel_pytree
 
 from experiments import common
 from experiments import flatness as flat_exp
-from experiments.configs import tiny
+from tests.experiment_utils import tiny_config
 from fpbma import bma
 from fpbma.baselines.types import SampleSet
 from fpbma.models import partition
@@ -33,12 +33,10 @@ NUM_SAMPLES = 6
 
 
 def _config(workdir, **overrides):
-    c = tiny.get_config()
-    c.workdir = str(workdir)
-    c.eval.corruptions = "none"
+    c = tiny_config(workdir)
     with c.unlocked():
         c.flatness = {"num_samples": NUM_SAMPLES}
-    for name, value in overrides.items():
+    for name, value in overrides.items():  # after the flatness section exists
         section, _, field = name.rpartition(".")
         (c[section] if section else c)[field] = value
     return c

@@ -241,10 +241,26 @@ def test_repeated_calls_and_batches_compile_once(setup):
     q, x, key, _ = setup
     apply_fn, sw = Partial(mlp_apply), Partial(fpbma.sample, q)
     x2 = x[:11] * 2.0  # a shape no other test uses
-    before = bma._sampled_log_predictive._cache_size()
+    compiled = lambda: (bma._draw_chunk._cache_size(), bma._accumulate_chunk._cache_size())  # noqa: E731
+    before = compiled()
     bma.predict(apply_fn, sw, x2, key=key, num_samples=3, chunk_size=2)
+    after_first = compiled()
+    # chunks of 2 and 1: one draw program per chunk size, one forward program per (first?, chunk size)
+    assert after_first[0] - before[0] <= 2 and after_first[1] - before[1] <= 2
     # New posterior values, new key, new data of the same shapes: no recompilation.
     q2 = jax.tree.map(lambda a: a + 1.0, q)
     bma.predict(apply_fn, Partial(fpbma.sample, q2), x2 + 1.0, key=jax.random.PRNGKey(9), num_samples=3,
                 chunk_size=2)
-    assert bma._sampled_log_predictive._cache_size() == before + 1
+    assert compiled() == after_first
+
+
+def test_eager_two_program_path_equals_the_traced_scan(setup):
+    """Called eagerly, predict draws and runs forwards as separate programs; under jit it is one scan."""
+    q, x, key, _ = setup
+    apply_fn, sw = Partial(mlp_apply), Partial(fpbma.sample, q)
+    for s, chunk in ((5, 1), (7, 3)):
+        eager = bma.predict(apply_fn, sw, x, key=key, num_samples=s, chunk_size=chunk)
+        traced = jax.jit(lambda xx: bma.predict(apply_fn, sw, xx, key=key, num_samples=s, chunk_size=chunk))(x)
+        np.testing.assert_allclose(np.asarray(eager), np.asarray(traced), rtol=1e-6, atol=1e-6)
+
+

@@ -121,8 +121,10 @@ def _draw_chunk(sample_weights, refresh_fn, keys, *, chunk_size):
 @jax.jit
 def _accumulate_chunk(apply_fn, acc, weights, x):
     """logaddexp(acc, logsumexp over the chunk's samples of log softmax f(x; w))."""
-    chunk = jax.vmap(lambda w: _log_softmax_f32(apply_fn(w, x)))(weights)
-    lse = jax.nn.logsumexp(chunk, axis=0)
+    if jax.tree.leaves(weights)[0].shape[0] == 1:  # no vmap: a vmapped convolution is a slower grouped one on CPU
+        lse = _log_softmax_f32(apply_fn(jax.tree.map(lambda a: a[0], weights), x))
+    else:
+        lse = jax.nn.logsumexp(jax.vmap(lambda w: _log_softmax_f32(apply_fn(w, x)))(weights), axis=0)
     return lse if acc is None else jnp.logaddexp(acc, lse)
 
 

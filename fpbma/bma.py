@@ -70,13 +70,28 @@ def _as_partial(fn, name: str):
     return Partial(fn)
 
 
+def _map_chunk(fn: Callable, chunk: PyTree):
+    """``fn`` over the leading axis of ``chunk``, stacked. A one-item chunk is not vmapped: on XLA:CPU a
+    convolution vmapped over its weights is a grouped convolution, slower even for one item
+    (30-sample BMA / 30 forwards: 1.108 vmapped, 1.037 not)."""
+    if jax.tree.leaves(chunk)[0].shape[0] == 1:
+        return jax.tree.map(lambda a: a[None], fn(jax.tree.map(lambda a: a[0], chunk)))
+    return jax.vmap(fn)(chunk)
+
+
+def _draw(sample_weights, refresh_fn, k):
+    """One weight sample for key ``k`` (refreshed by ``refresh_fn(w, fold_in(k, 1))`` if given)."""
+    w = sample_weights(k)
+    return w if refresh_fn is None else refresh_fn(w, jax.random.fold_in(k, 1))
+
+
 def _chunked_log_sum(per_item: Callable, items: PyTree, num_items: int, chunk_size: int, out_shape):
     """logsumexp over s of per_item(items[s]) → out_shape, with at most chunk_size items live at once."""
     n_full, rem = divmod(num_items, chunk_size)
     acc = jnp.full(out_shape.shape, -jnp.inf, jnp.float32)
 
     def chunk_lse(chunk):
-        return jax.nn.logsumexp(jax.vmap(per_item)(chunk), axis=0)
+        return jax.nn.logsumexp(_map_chunk(per_item, chunk), axis=0)
 
     if n_full:
         full = jax.tree.map(lambda a: a[:n_full * chunk_size].reshape((n_full, chunk_size) + a.shape[1:]), items)
@@ -99,32 +114,22 @@ def _sampled_log_predictive(apply_fn, sample_weights, refresh_fn, key, x, *, num
     keys = jax.random.split(key, num_samples)
 
     def one(k):
-        w = sample_weights(k)
-        if refresh_fn is not None:
-            w = refresh_fn(w, jax.random.fold_in(k, 1))
-        return _log_softmax_f32(apply_fn(w, x))
+        return _log_softmax_f32(apply_fn(_draw(sample_weights, refresh_fn, k), x))
 
     out = jax.eval_shape(one, keys[0])
     return _chunked_log_sum(one, keys, num_samples, chunk_size, out) - math.log(num_samples)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size",))
-def _draw_chunk(sample_weights, refresh_fn, keys, *, chunk_size):
-    """``chunk_size`` weight samples stacked on a leading axis (refreshed if ``refresh_fn``)."""
-    def one(k):
-        w = sample_weights(k)
-        return w if refresh_fn is None else refresh_fn(w, jax.random.fold_in(k, 1))
-
-    return jax.vmap(one)(keys) if chunk_size > 1 else jax.tree.map(lambda a: a[None], one(keys[0]))
+@jax.jit
+def _draw_chunk(sample_weights, refresh_fn, keys):
+    """One weight sample per key, stacked on a leading axis."""
+    return _map_chunk(lambda k: _draw(sample_weights, refresh_fn, k), keys)
 
 
 @jax.jit
 def _accumulate_chunk(apply_fn, acc, weights, x):
     """logaddexp(acc, logsumexp over the chunk's samples of log softmax f(x; w))."""
-    if jax.tree.leaves(weights)[0].shape[0] == 1:  # no vmap: a vmapped convolution is a slower grouped one on CPU
-        lse = _log_softmax_f32(apply_fn(jax.tree.map(lambda a: a[0], weights), x))
-    else:
-        lse = jax.nn.logsumexp(jax.vmap(lambda w: _log_softmax_f32(apply_fn(w, x)))(weights), axis=0)
+    lse = jax.nn.logsumexp(_map_chunk(lambda w: _log_softmax_f32(apply_fn(w, x)), weights), axis=0)
     return lse if acc is None else jnp.logaddexp(acc, lse)
 
 
@@ -139,8 +144,7 @@ def _split_log_predictive(apply_fn, sample_weights, refresh_fn, key, x, *, num_s
     keys = jax.random.split(key, num_samples)
     acc = None
     for start in range(0, num_samples, chunk_size):
-        size = min(chunk_size, num_samples - start)
-        weights = _draw_chunk(sample_weights, refresh_fn, keys[start:start + size], chunk_size=size)
+        weights = _draw_chunk(sample_weights, refresh_fn, keys[start:start + chunk_size])
         acc = _accumulate_chunk(apply_fn, acc, weights, x)
     return acc - math.log(num_samples)
 

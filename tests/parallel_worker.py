@@ -86,6 +86,42 @@ def run_jit(step_fn, mesh, state, batches, key):
     return state, losses, step
 
 
+def compare_devices(step_fn, pmap_step_fn, state0, batches, key, mesh1, mesh8):
+    """STEPS steps from ``state0`` on one device, jit-sharded on 8 and pmapped on 8: max differences.
+
+    Returns ``(report, eight, losses_eight, step8)``; the last three are the 8-device jit run.
+    """
+    one, losses_one, _ = run_jit(step_fn, mesh1, state0, batches, key)
+    mark("one")
+    eight, losses_eight, step8 = run_jit(step_fn, mesh8, state0, batches, key)
+    mark("eight")
+    pstep = parallel.make_pmap_step(pmap_step_fn)
+    pstate = parallel.replicate_for_pmap(jax.tree.map(jnp.copy, state0))
+    losses_pmap = []
+    for b in batches:
+        pstate, m = pstep(pstate, parallel.stack_for_pmap(b), key)
+        losses_pmap.append(float(m["loss"][0]))
+    mark("pmap")
+    replica_spread = max_diff(jax.tree.map(lambda x: x[0], pstate), jax.tree.map(lambda x: x[-1], pstate))
+    pstate = parallel.unreplicate(pstate)
+    report = {
+        "moved": max_diff(one.params, state0.params),
+        "stats_moved": max_diff(one.model_state, state0.model_state),
+        "jit8_params": max_diff(one.params, eight.params),
+        "jit8_stats": max_diff(one.model_state, eight.model_state),
+        "jit8_loss": max(abs(a - b) for a, b in zip(losses_one, losses_eight)),
+        "pmap_params": max_diff(one.params, pstate.params),
+        "pmap_stats": max_diff(one.model_state, pstate.model_state),
+        "pmap_opt": max_diff(one.opt_state, pstate.opt_state),
+        "pmap_loss": max(abs(a - b) for a, b in zip(losses_one, losses_pmap)),
+        "pmap_replica_spread": replica_spread,
+        "steps": int(eight.step),
+        "param_sharding_replicated": all(x.sharding.is_fully_replicated
+                                         for x in jax.tree_util.tree_leaves(eight.params)),
+    }
+    return report, eight, losses_eight, step8
+
+
 START = time.perf_counter()
 
 
@@ -111,38 +147,12 @@ def main():
         kw = dict(prior=prior, num_data=100)
         step_fn = parallel.make_train_step(make_loss(plain), tx, **kw)
         mark(kind)
-        one, losses_one, _ = run_jit(step_fn, mesh1, state0, batches, step_key)
-        mark("one")
-        eight, losses_eight, step8 = run_jit(step_fn, mesh8, state0, batches, step_key)
-        mark("eight")
-
         tx_p = fpbma.fpbma(0.1, rho=0.2, momentum=0.9, batch_axis_name="batch")
-        pstep = parallel.make_pmap_step(parallel.make_train_step(make_loss(synced), tx_p, batch_axis_name="batch", **kw))
-        pstate = parallel.replicate_for_pmap(jax.tree.map(jnp.copy, state0))
-        losses_pmap = []
-        for b in batches:
-            pstate, m = pstep(pstate, parallel.stack_for_pmap(b), step_key)
-            losses_pmap.append(float(m["loss"][0]))
-        mark("pmap")
-        replica_spread = max_diff(jax.tree.map(lambda x: x[0], pstate), jax.tree.map(lambda x: x[-1], pstate))
-        pstate = parallel.unreplicate(pstate)
+        pstep_fn = parallel.make_train_step(make_loss(synced), tx_p, batch_axis_name="batch", **kw)
+        out[kind], eight, losses_eight, step8 = compare_devices(step_fn, pstep_fn, state0, batches, step_key,
+                                                                mesh1, mesh8)
         if kind == "diag":
             reference_diag = (q0, state0, eight, losses_eight)
-        out[kind] = {
-            "moved": max_diff(one.params, q0),
-            "stats_moved": max_diff(one.model_state, state0.model_state),
-            "jit8_params": max_diff(one.params, eight.params),
-            "jit8_stats": max_diff(one.model_state, eight.model_state),
-            "jit8_loss": max(abs(a - b) for a, b in zip(losses_one, losses_eight)),
-            "pmap_params": max_diff(one.params, pstate.params),
-            "pmap_stats": max_diff(one.model_state, pstate.model_state),
-            "pmap_opt": max_diff(one.opt_state, pstate.opt_state),
-            "pmap_loss": max(abs(a - b) for a, b in zip(losses_one, losses_pmap)),
-            "pmap_replica_spread": replica_spread,
-            "steps": int(eight.step),
-            "param_sharding_replicated": all(x.sharding.is_fully_replicated
-                                             for x in jax.tree_util.tree_leaves(eight.params)),
-        }
 
         # Compilation count over many steps: one jit cache entry, no backend compile after the first.
         compiles = []
@@ -166,31 +176,8 @@ def main():
         tx = make_tx()
         state0_w = parallel.TrainState.create(variables["params"], tx, {"batch_stats": variables["batch_stats"]})
         step_fn = parallel.make_train_step(make_loss(plain), tx)
-        one_w, losses_one, _ = run_jit(step_fn, mesh1, state0_w, batches, step_key)
-        eight_w, losses_eight, _ = run_jit(step_fn, mesh8, state0_w, batches, step_key)
-        pstep = parallel.make_pmap_step(parallel.make_train_step(make_loss(synced), tx, batch_axis_name="batch"))
-        pstate = parallel.replicate_for_pmap(jax.tree.map(jnp.copy, state0_w))
-        losses_pmap = []
-        for b in batches:
-            pstate, m = pstep(pstate, parallel.stack_for_pmap(b), step_key)
-            losses_pmap.append(float(m["loss"][0]))
-        replica_spread = max_diff(jax.tree.map(lambda x: x[0], pstate), jax.tree.map(lambda x: x[-1], pstate))
-        pstate = parallel.unreplicate(pstate)
-        out[name] = {
-            "moved": max_diff(one_w.params, state0_w.params),
-            "stats_moved": max_diff(one_w.model_state, state0_w.model_state),
-            "jit8_params": max_diff(one_w.params, eight_w.params),
-            "jit8_stats": max_diff(one_w.model_state, eight_w.model_state),
-            "jit8_loss": max(abs(a - b) for a, b in zip(losses_one, losses_eight)),
-            "pmap_params": max_diff(one_w.params, pstate.params),
-            "pmap_stats": max_diff(one_w.model_state, pstate.model_state),
-            "pmap_opt": max_diff(one_w.opt_state, pstate.opt_state),
-            "pmap_loss": max(abs(a - b) for a, b in zip(losses_one, losses_pmap)),
-            "pmap_replica_spread": replica_spread,
-            "steps": int(eight_w.step),
-            "param_sharding_replicated": all(x.sharding.is_fully_replicated
-                                             for x in jax.tree_util.tree_leaves(eight_w.params)),
-        }
+        pstep_fn = parallel.make_train_step(make_loss(synced), tx, batch_axis_name="batch")
+        out[name], _, _, _ = compare_devices(step_fn, pstep_fn, state0_w, batches, step_key, mesh1, mesh8)
         mark(name)
     # Donation: the input state's buffers are consumed by the step.
     state = parallel.replicate(state0, mesh8)

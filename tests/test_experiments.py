@@ -25,10 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(workdir, **overrides):
-    c = tiny_config(workdir, corruptions="gaussian_noise,contrast", **overrides)
-    if "eval.severities" not in overrides:
-        c.eval.severities = (1, 5)
-    return c
+    return tiny_config(workdir, corruptions="gaussian_noise,contrast", **{"eval.severities": (1, 5), **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +91,7 @@ def _train(config, method):
     return state, finished
 
 
-@pytest.mark.parametrize("method", ["fpbma"])
+@pytest.mark.parametrize("method", ["fpbma", "sgld"])
 def test_kill_and_resume_is_bit_identical(tmp_path, method):
     ref, finished = _train(_config(tmp_path / "straight"), method)
     assert finished

@@ -33,13 +33,7 @@ NUM_SAMPLES = 6
 
 
 def _config(workdir, **overrides):
-    c = tiny_config(workdir)
-    with c.unlocked():
-        c.flatness = {"num_samples": NUM_SAMPLES}
-    for name, value in overrides.items():  # after the flatness section exists
-        section, _, field = name.rpartition(".")
-        (c[section] if section else c)[field] = value
-    return c
+    return tiny_config(workdir, **{"flatness.num_samples": NUM_SAMPLES, **overrides})
 
 
 @pytest.fixture(scope="module")

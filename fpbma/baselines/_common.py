@@ -5,11 +5,8 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import optax
 
-from fpbma.posterior import tree_normal_like  # noqa: F401  (re-exported for the samplers)
 from fpbma.transforms import _check_number as check_number  # one validation rule for the whole library
 
 PyTree = Any

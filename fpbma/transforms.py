@@ -27,6 +27,7 @@ use the same reparameterisation noise: close ``grad_fn`` over it (see :func:`fpb
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import chex
@@ -45,6 +46,7 @@ __all__ = [
     "fisher_perturbation",
     "perturb_along_metric",
     "perturb_in_kl_ball",
+    "RADIUS_RULES",
     "scale_by_inverse_fisher",
     "skip_non_finite",
     "SkipNonFiniteState",
@@ -91,31 +93,187 @@ def adversarial_perturbation(g: PyTree, rho, inverse_metric_g: PyTree) -> PyTree
     return jax.tree.map(lambda x: (scale * x).astype(x.dtype), inverse_metric_g)
 
 
-def fisher_perturbation(q, g, rho, damping: float = 0.0):
+RADIUS_RULES = ("exact_kl", "second_order")
+
+
+def _check_radius_rule(radius, radius_steps):
+    if radius not in RADIUS_RULES:
+        raise ValueError(f"radius={radius!r} is not a radius rule; use one of {RADIUS_RULES} "
+                         "('exact_kl' puts q_{θ+Δ} on the true KL ball, 'second_order' is the paper's formula).")
+    if isinstance(radius_steps, bool) or not isinstance(radius_steps, (int, np.integer)) or radius_steps < 2:
+        raise ValueError(f"radius_steps={radius_steps!r} must be an integer >= 2 (KL evaluations of the radius "
+                         "search: at least one secant step and the final Newton step).")
+
+
+def _log_bisect(fn, lo, hi, iterations=60):
+    """The root of an increasing scalar function between exp(lo) and exp(hi), by bisection in log space."""
+    def body(_, bounds):
+        lo_, hi_ = bounds
+        mid = 0.5 * (lo_ + hi_)
+        up = fn(jnp.exp(mid)) > 0
+        return jnp.where(up, lo_, mid), jnp.where(up, mid, hi_)
+    lo, hi = jax.lax.fori_loop(0, iterations, body, (lo, hi))
+    return 0.5 * (lo + hi)
+
+
+def _first_step(tau0, phi0, a, target):
+    """log τ solving the model a τ² + ½ h(z τ²/τ₀²) = target, h(y) = y − log(1 + y), fitted at (τ₀, φ₀).
+
+    The model is the KL along a step that is quadratic in the means and log σ (coefficient a, known)
+    plus the exact KL of a change D Dᵀ → D Dᵀ + τ² E Eᵀ at D = 0 in one direction, which is quartic for
+    small steps and quadratic again for large ones: ½ Σₖ h(yₖ), yₖ ∝ τ². All scalar work.
+    """
+    h = lambda y: y - jnp.log1p(y)
+    rest = jnp.maximum(phi0 - a * tau0 * tau0, 0.0)
+    z = jnp.exp(_log_bisect(lambda y: h(y) - 2.0 * rest, jnp.log(1e-30), jnp.log(1e30)))
+    z = jnp.where(rest > 0, z, 0.0)
+    model = lambda t: a * t * t + 0.5 * h(z * (t / tau0) ** 2) - target
+    span = 70.0 if tau0.dtype == jnp.float64 else 30.0
+    return _log_bisect(model, jnp.log(tau0) - span, jnp.log(tau0) + span)
+
+
+def _solve_log_log(kl_fn, tau0, target, steps: int, quadratic=None, cheap_kl=None):
+    """τ with kl_fn(τ) ≈ target: safeguarded secant on u = log τ ↦ ψ(u) = log kl_fn(e^u), ``steps`` evaluations.
+
+    The first step fits the model of :func:`_first_step` through the first point, with a = ``quadratic``
+    (the second-order coefficient, ½ dᵀF d): exact for a quadratic KL and for a step in zero deviation
+    columns, whose KL is quartic for small steps and quadratic again for large ones. Without
+    ``quadratic`` it assumes slope 2 in log-log. ``cheap_kl`` (the KL's mean and diagonal part, exact
+    and elementwise) gives a second first step, Newton with its exact log-log slope, which sees the
+    exponential growth e^{2τr} of a large log σ step that the model misses; the shorter of the two
+    steps is taken. Later steps take the secant through the last two points. Every point with ψ above / below the target tightens a bracket; a secant step that leaves
+    the bracket is replaced by its log-midpoint. A non-finite KL counts as too large, an underflowed one
+    as too small (τ ÷ or × 100 while unbracketed). Fixed-length and branch-free, so jit, vmap and pmap
+    trace it as straight-line code.
+    """
+    log_target = jnp.log(target)
+    u = jnp.log(tau0)
+    inf = jnp.asarray(jnp.inf, u.dtype)
+    lo_u, hi_u = -inf, inf
+    prev_u = prev_psi = None
+    for _ in range(steps):
+        phi = kl_fn(jnp.exp(u))
+        finite = jnp.isfinite(phi) & (phi > 0)
+        psi = jnp.where(finite, jnp.log(jnp.where(finite, phi, 1.0)), jnp.where(jnp.isfinite(phi), -inf, inf))
+        big = psi > log_target
+        hi_u = jnp.where(big, jnp.minimum(hi_u, u), hi_u)
+        lo_u = jnp.where(big, lo_u, jnp.maximum(lo_u, u))
+        slope = jnp.asarray(2.0, u.dtype)
+        if prev_u is None and quadratic is not None:
+            fitted = _first_step(jnp.exp(u), phi, jnp.maximum(quadratic, 0.0), target)
+            use_fit = finite & jnp.isfinite(fitted) & (fitted != u)
+            # Express the fitted τ as a slope so the bracketing below treats both steps alike.
+            slope = jnp.where(use_fit, (log_target - jnp.where(finite, psi, 0.0)) / jnp.where(use_fit, fitted - u, 1.0),
+                              slope)
+            if cheap_kl is not None:
+                tau = jnp.exp(u)
+                c, dc = jax.jvp(cheap_kl, (tau,), (jnp.ones_like(tau),))
+                cheap_slope = tau * dc / jnp.where(c > 0, c, 1.0)
+                usable = jnp.isfinite(cheap_slope) & (cheap_slope > 0)
+                slope = jnp.where(usable & (slope > 0), jnp.maximum(slope, jnp.where(usable, cheap_slope, 0.0)), slope)
+        if prev_u is not None:
+            ok = finite & jnp.isfinite(prev_psi) & (u != prev_u) & (psi != prev_psi)
+            secant = (psi - prev_psi) / jnp.where(ok, u - prev_u, 1.0)
+            slope = jnp.where(ok & (secant > 0), secant, slope)
+        step = jnp.where(finite, (log_target - jnp.where(finite, psi, 0.0)) / slope,
+                         jnp.where(psi > 0, -math.log(100.0), math.log(100.0)))
+        proposal = u + step
+        bracketed = jnp.isfinite(lo_u) & jnp.isfinite(hi_u)
+        inside = (proposal > lo_u) & (proposal < hi_u)
+        proposal = jnp.where(inside | ~bracketed, proposal, 0.5 * (lo_u + hi_u))
+        # A converged point stays put: the secant through two nearly equal points is 0/0.
+        converged = finite & (jnp.abs(psi - log_target) < 1e-6)
+        prev_u, prev_psi = u, psi
+        u = jnp.where(converged, u, proposal)
+    return jnp.exp(u)
+
+
+def fisher_perturbation(q, g, rho, damping: float = 0.0, radius: str = "exact_kl", radius_steps: int = 4):
     """The Fisher-weighted adversarial perturbation of a posterior's parameters.
 
-        Δ* = ρ F_θ⁻¹ g / √(gᵀ F_θ⁻¹ g),
+    The direction is the second-order maximiser of gᵀΔ over the KL ball, d = F_λ⁻¹ g (F the Fisher of q in
+    its own parameters, ``damping`` λ added to its covariance block, see :func:`fpbma.inverse_fisher_vp`).
+    ``radius`` chooses the step along it:
 
-    the maximiser of the linearised loss gᵀΔ over the second-order KL ball
-    ½ Δᵀ F_θ Δ ≤ ρ²/2, i.e. KL(q_{θ+Δ} ‖ q_θ) ≲ γ = ρ²/2. F is the Fisher of q in its own parameters,
-    with ``damping`` added to the covariance block (see :func:`fpbma.inverse_fisher_vp`).
+    * ``"second_order"`` (the paper's formula): Δ* = ρ d / √(gᵀ d), on the ellipsoid ½ Δᵀ F_λ Δ = ρ²/2,
+      i.e. KL(q_{θ+Δ} ‖ q_θ) ≈ γ = ρ²/2 to second order.
+    * ``"exact_kl"`` (default): Δ* = τ d with τ solving KL(q_{θ+τd} ‖ q_θ) = ρ²/2 on the closed-form KL
+      (:func:`fpbma.kl_along_line`), by ``radius_steps`` safeguarded secant steps in log τ starting
+      from the second-order τ₀ = ρ/√(gᵀd).
+
+    Why the default is not the paper's formula: the second-order ball is the true ball only where the KL
+    is quadratic over the step. For a LowRankGaussian whose deviation columns D are zero (``from_point``,
+    the new head of the transfer scheme) ∂Σ/∂D = 0, so the Fisher of D vanishes, F_λ⁻¹ is 1/λ there and
+    almost all of gᵀF_λ⁻¹g sits in D; but the KL of a step E in D grows like ‖E‖⁴/σ⁴, not ‖E‖², and the
+    second-order Δ* lands ~10⁶ γ away. The same happens for columns much smaller than σ. Fixing τ on
+    the real KL keeps q_{θ+Δ*} on the ball for every posterior; where the second-order ball is accurate
+    (D of the size of σ or larger, a DiagGaussian at moderate ρ) τ ≈ ρ/√(gᵀd) and both rules agree.
+    The cost is ``radius_steps`` evaluations of the KL along the line, two K × K Gram products over θ
+    each (O(P K²)); the last is a Newton step with the exact slope, so autodiff through Δ* sees the
+    implicit-function derivative of τ.
 
     Args:
       q: a DiagGaussian or LowRankGaussian.
       g: ∇_θ L, a tree shaped like q.
-      rho: radius ρ ≥ 0.
+      rho: radius ρ ≥ 0, in √nats: the ball is KL ≤ ρ²/2.
       damping: λ ≥ 0 added to the covariance-block Fisher.
+      radius: ``"exact_kl"`` or ``"second_order"``.
+      radius_steps: KL evaluations of the ``"exact_kl"`` radius search (≥ 1).
 
     Returns:
-      Δ*, a tree shaped like q.
+      Δ*, a tree shaped like q; zero where g = 0.
 
-    >>> q = DiagGaussian.from_point({"w": jnp.ones(2)}, 0.1)
-    >>> d = fisher_perturbation(q, DiagGaussian({"w": jnp.ones(2)}, {"w": jnp.zeros(2)}), 0.05)
+    >>> import fpbma, jax, jax.numpy as jnp
+    >>> q = fpbma.LowRankGaussian.from_point({"w": jnp.zeros((4, 3))}, std=0.01, rank=3)  # D = 0
+    >>> g = jax.tree.map(jnp.ones_like, q)
+    >>> d = fpbma.fisher_perturbation(q, g, 0.5, damping=1e-3)
+    >>> bool(abs(fpbma.perturbation_kl(q, d) / 0.125 - 1) < 0.05)  # on the ball KL = ρ²/2
+    True
+    >>> d2 = fpbma.fisher_perturbation(q, g, 0.5, damping=1e-3, radius="second_order")
+    >>> bool(fpbma.perturbation_kl(q, d2) > 1e4 * 0.125)  # the paper's formula leaves it here
+    True
 
     References:
       Lim et al., "Flat Posterior Does Matter For Bayesian Model Averaging", arXiv:2406.15664.
     """
-    return adversarial_perturbation(g, rho, post.inverse_fisher_vp(q, g, damping))
+    _check_radius_rule(radius, radius_steps)
+    direction = post.inverse_fisher_vp(q, g, damping)
+    if radius == "second_order":
+        return adversarial_perturbation(g, rho, direction)
+    quad = _tree_vdot(g, direction)
+    rho = jnp.asarray(rho, quad.dtype)
+    positive = (quad > 0) & (rho > 0)
+    tau0 = rho / jnp.sqrt(jnp.where(positive, quad, 1.0))
+    line_kl = post.kl_along_line(q, direction, mean_quad=_tree_vdot(g.mean, direction.mean))
+    # Second-order coefficient of the KL along d: ½ dᵀF d = ½ (gᵀd − λ‖d_cov‖²), F undamped.
+    cov_sq = sum(jnp.vdot(x, x) for name, field in zip(direction._fields, direction) if name != "mean"
+                 for x in jax.tree_util.tree_leaves(field))
+    quadratic = 0.5 * jnp.maximum(quad - damping * cov_sq, 0.0)
+    target = jnp.where(positive, 0.5 * rho * rho, 1.0)
+    sg = jax.lax.stop_gradient
+    # The search itself is not differentiated (same values under jit: XLA shares the two line KLs' work).
+    search_kl = post.kl_along_line(sg(q), sg(direction), mean_quad=sg(_tree_vdot(g.mean, direction.mean)))
+    cheap_kl = post.kl_along_line(post.DiagGaussian(sg(q.mean), sg(q.log_std)),
+                                  post.DiagGaussian(sg(direction.mean), sg(direction.log_std)),
+                                  mean_quad=sg(_tree_vdot(g.mean, direction.mean)))
+    tau = _solve_log_log(search_kl, sg(jnp.where(positive, tau0, 1.0)), sg(target), radius_steps - 1, sg(quadratic),
+                         cheap_kl if isinstance(q, post.LowRankGaussian) else None)
+    tau = _newton_in_log_log(line_kl, sg(tau), target)
+    tau = jnp.where(positive, tau, 0.0)
+    return jax.tree.map(lambda x: (tau * x).astype(x.dtype), direction)
+
+
+def _newton_in_log_log(kl_fn, tau, target):
+    """One Newton step on log kl(τ) = log target with the exact slope, from a τ near the root.
+
+    Its value refines τ; its derivative with respect to θ (through kl_fn) is −τ ∂_θ log kl / (∂ log kl /
+    ∂ log τ), the implicit-function derivative of the root, so autodiff through a step is exact.
+    """
+    phi, dphi = jax.jvp(kl_fn, (tau,), (jnp.ones_like(tau),))
+    slope = jax.lax.stop_gradient(tau * dphi / jnp.where(phi > 0, phi, 1.0))
+    ok = jnp.isfinite(phi) & (phi > 0) & jnp.isfinite(slope) & (slope > 0)
+    step = (jnp.log(target) - jnp.log(jnp.where(ok, phi, 1.0))) / jnp.where(ok, slope, 1.0)
+    return tau * jnp.exp(jnp.where(ok, jnp.clip(step, -1.0, 1.0), 0.0))
 
 
 class PerturbState(NamedTuple):
@@ -138,6 +296,13 @@ def perturb_along_metric(
       inverse_metric_vp: ``(params, g) -> M⁻¹ g``.
       batch_axis_name: pmap axis to average gradients over, or None.
     """
+    return _perturb_by(rho, lambda params, g: adversarial_perturbation(g, rho, inverse_metric_vp(params, g)),
+                       batch_axis_name)
+
+
+def _perturb_by(rho, perturbation: Callable[[PyTree, PyTree], PyTree],
+                batch_axis_name: Optional[str]) -> optax.GradientTransformationExtraArgs:
+    """The opaque-mode transform: g ↦ grad_fn(θ + perturbation(θ, g)), g pmean-ed over the batch axis."""
     _check_number(rho, "rho", low=0.0)
 
     def init_fn(params):
@@ -153,7 +318,7 @@ def perturb_along_metric(
                              "grad_fn=lambda params: <gradient of the loss at params> to update().")
         if batch_axis_name is not None:
             updates = jax.lax.pmean(updates, axis_name=batch_axis_name)
-        delta = adversarial_perturbation(updates, rho, inverse_metric_vp(params, updates))
+        delta = perturbation(params, updates)
         perturbed = jax.tree.map(jnp.add, params, delta)
         adv_grads = grad_fn(perturbed)
         if batch_axis_name is not None:
@@ -163,8 +328,8 @@ def perturb_along_metric(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def perturb_in_kl_ball(rho: float, damping: float = 0.0,
-                       batch_axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
+def perturb_in_kl_ball(rho: float, damping: float = 0.0, batch_axis_name: Optional[str] = None,
+                       radius: str = "exact_kl", radius_steps: int = 4) -> optax.GradientTransformationExtraArgs:
     """FP-BMA's inner maximisation: gradient at θ + Δ*, Δ* = :func:`fisher_perturbation` (q, g, ρ).
 
     Params passed to ``update`` must be a posterior (DiagGaussian / LowRankGaussian).
@@ -173,9 +338,16 @@ def perturb_in_kl_ball(rho: float, damping: float = 0.0,
       rho: radius ρ = √(2γ) of the KL ball KL(q_{θ+Δ} ‖ q_θ) ≤ γ.
       damping: λ ≥ 0 added to the covariance-block Fisher.
       batch_axis_name: pmap axis to average gradients over, or None.
+      radius: ``"exact_kl"`` (Δ* on the true KL ball, the default) or ``"second_order"`` (the paper's
+        ρ F⁻¹g/√(gᵀF⁻¹g)); see :func:`fisher_perturbation`.
+      radius_steps: KL evaluations of the exact-radius search.
     """
     _check_number(damping, "damping", low=0.0)
-    return perturb_along_metric(rho, lambda q, g: post.inverse_fisher_vp(q, g, damping), batch_axis_name)
+    _check_radius_rule(radius, radius_steps)
+    if radius == "second_order":
+        return perturb_along_metric(rho, lambda q, g: post.inverse_fisher_vp(q, g, damping), batch_axis_name)
+    return _perturb_by(rho, lambda q, g: fisher_perturbation(q, g, rho, damping, radius, radius_steps),
+                       batch_axis_name)
 
 
 def scale_by_inverse_fisher(damping: float = 0.0) -> optax.GradientTransformation:
@@ -256,12 +428,14 @@ def fpbma(
     nesterov: bool = False,
     batch_axis_name: Optional[str] = None,
     covariance_lr_scale: float = 1.0,
+    radius: str = "exact_kl",
+    radius_steps: int = 4,
 ) -> optax.GradientTransformationExtraArgs:
     """The FP-BMA optimizer for a posterior's parameters θ.
 
     One ``update`` computes
 
-        Δ* = ρ F_θ⁻¹ g / √(gᵀ F_θ⁻¹ g),           g = ∇_θ L(θ)   (passed in as ``grads``)
+        Δ* = τ F_θ⁻¹ g,  KL(q_{θ+Δ*} ‖ q_θ) = ρ²/2,  g = ∇_θ L(θ)   (passed in as ``grads``)
         g̃  = ∇_θ L(θ + Δ*)                       (``grad_fn``, same noise ε as g)
         g̃  ← F_θ⁻¹ g̃                             (if ``natural_gradient``)
         g̃  ← g̃ + wd · μ                           (weight decay on the means only)
@@ -283,6 +457,10 @@ def fpbma(
         means'. The reparameterisation gradient of D is g εᵀ: its noise grows with the sampled weights'
         spread, so a rate that suits the means can make D random-walk upward (the transfer experiments
         use c = 0.1); 1 is plain FP-BMA.
+      radius: how far along F⁻¹g the perturbation goes: ``"exact_kl"`` (default) solves for the step
+        whose true KL is ρ²/2; ``"second_order"`` is the paper's τ = ρ/√(gᵀF⁻¹g), which can leave the
+        ball by orders of magnitude when deviation columns are zero or tiny (see :func:`fisher_perturbation`).
+      radius_steps: KL evaluations of the exact-radius search.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes ``grad_fn``.
@@ -302,7 +480,7 @@ def fpbma(
     _check_number(weight_decay, "weight_decay", low=0.0)
     _check_number(damping, "damping", low=0.0)
     _check_number(covariance_lr_scale, "covariance_lr_scale", low=0.0, low_open=True)
-    parts = [perturb_in_kl_ball(rho, damping, batch_axis_name)]
+    parts = [perturb_in_kl_ball(rho, damping, batch_axis_name, radius, radius_steps)]
     if natural_gradient:
         parts.append(scale_by_inverse_fisher(damping))
     if weight_decay:

@@ -101,7 +101,7 @@ def test_perturbation_lies_on_the_fisher_ellipsoid_and_is_optimal(family):
         q = random_diag(jax.random.PRNGKey(7), SHAPES) if family == "diag" else random_low_rank(jax.random.PRNGKey(7), 3, SHAPES)
         g = _random_grad(q, jax.random.PRNGKey(8))
         rho, damping = 0.05, 1e-3
-        delta = fpbma.fisher_perturbation(q, g, rho, damping)
+        delta = fpbma.fisher_perturbation(q, g, rho, damping, radius="second_order")
         f_delta = fpbma.fisher_vp(q, delta, damping)
         d, fd, gv = ravel_pytree(delta)[0], ravel_pytree(f_delta)[0], ravel_pytree(g)[0]
         np.testing.assert_allclose(0.5 * d @ fd, rho ** 2 / 2, rtol=1e-10)

@@ -27,6 +27,7 @@ SA-BMA in earlier versions), arXiv:2406.15664.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple, Optional
 
@@ -705,15 +706,31 @@ def kl_along_line(q, direction, mean_quad: Optional[jax.Array] = None):
     m_inv_g = _cho_solve(wb.chol, wb.gram)
     tau_free = jnp.sum(m_inv_g * v_alpha_v.T) - jnp.sum(m_inv * (b @ b.T))
     chol_inv = jax.scipy.linalg.solve_triangular(wb.chol, eye, lower=True)
+    # Small steps (|2τ r| ≤ 0.1 everywhere, the rule on a large network) take the τ-dependent K × K
+    # matrices from moments Zₙ = [U;V] α rⁿ [U;V]ᵀ, n = 1..3, computed once: e⁻ = Σₙ (−2τr)ⁿ/n! + O(x⁴) and
+    # e⁺ + e⁻ = (2τr)² + O(x⁴) (relative error ≤ 1e-3), so each τ costs an elementwise pass instead of two
+    # Gram products over θ. Larger steps recompute them exactly.
+    r_max = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(r)) for r in _leaves(direction.log_std)])
+    moments = [_kk(jax.tree.map(lambda x, al, r, n=n: x * (al * r ** n), uv, alpha, direction.log_std), uv)
+               for n in (1, 2, 3)]
 
-    def low_rank_kl(tau):
+    def exact_matrices(tau):
         two_tau_r = jax.tree.map(lambda r: 2.0 * tau * r, direction.log_std)
         e_plus = jax.tree.map(lambda x: jnp.expm1(_exp_argument(x)), two_tau_r)
         e_minus = jax.tree.map(lambda x: jnp.expm1(_exp_argument(-x)), two_tau_r)
-        diag_part = _tree_sum(jax.tree.map(jnp.subtract, e_plus, two_tau_r))
         cosh_part = _kk(jax.tree.map(lambda u_, al, ep, em: u_ * (al * (ep + em)), wb.u, alpha, e_plus, e_minus), wb.u)
-        weighted = _kk(jax.tree.map(lambda x, al, em: x * (al * em), uv, alpha, e_minus), uv)  # [U;V] α e⁻ [U;V]ᵀ
-        g_minus, c, v_minus_v = weighted[:k, :k], weighted[:k, k:], weighted[k:, k:]
+        return cosh_part, _kk(jax.tree.map(lambda x, al, em: x * (al * em), uv, alpha, e_minus), uv)
+
+    def series_matrices(tau):
+        x = -2.0 * tau
+        weighted = x * moments[0] + (x * x / 2.0) * moments[1] + (x ** 3 / 6.0) * moments[2]
+        return (4.0 * tau * tau) * moments[1][:k, :k], weighted
+
+    def low_rank_kl(tau):
+        two_tau_r = jax.tree.map(lambda r: 2.0 * tau * r, direction.log_std)
+        diag_part = _tree_sum(jax.tree.map(lambda x: jnp.expm1(_exp_argument(x)) - x, two_tau_r))
+        cosh_part, weighted = jax.lax.cond(2.0 * jnp.abs(tau) * r_max <= 0.1, series_matrices, exact_matrices, tau)
+        g_minus, c, v_minus_v = weighted[:k, :k], weighted[:k, k:], weighted[k:, k:]   # [U;V] α e⁻ [U;V]ᵀ
         c1 = b + c
         delta_m = g_minus + tau * (c1 + c1.T) + tau * tau * (v_alpha_v + v_minus_v)
         y = chol_inv @ delta_m @ chol_inv.T

@@ -135,7 +135,9 @@ def test_kl_along_line_equals_the_closed_form(case):
         line = fpbma.kl_along_line(q, d)
         for tau in [1e-3, 0.05, 0.5, 2.0]:
             ref = fpbma.kl_divergence(jax.tree.map(lambda a, b: a + tau * b, q, d), q)
-            np.testing.assert_allclose(line(tau), ref, rtol=1e-7)
+            # 1e-4: steps with |2τr| ≤ 0.1 take the K × K matrices from a third-order series (≤ 1e-3 by
+            # construction, ~1e-5 here); larger ones are exact to round-off.
+            np.testing.assert_allclose(line(tau), ref, rtol=1e-4 if tau < 0.5 else 1e-9)
 
 
 def test_kl_along_line_is_accurate_in_float32_where_the_closed_form_is_not():

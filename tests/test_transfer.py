@@ -11,7 +11,8 @@ from flax import traverse_util
 
 from fpbma import posterior as post
 from fpbma import transfer
-from fpbma.baselines import METHODS, point_mass
+from fpbma import methods
+from fpbma.types import point_mass
 from fpbma.models.resnet import BatchNorm
 
 K = 3
@@ -176,7 +177,7 @@ def _tiny_problem():
     return model, stats, scheme, apply_fn, features, x, y
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", methods.names())
 def test_every_method_runs_through_the_scheme(method):
     model, stats, scheme, apply_fn, features, x, y = _tiny_problem()
     trainer = transfer.make_trainer(method, scheme, apply_fn, num_data=24, num_steps=4, learning_rate=0.01,

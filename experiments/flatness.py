@@ -387,7 +387,7 @@ def run(config) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Command line.
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "the transfer experiment's config")
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", common.config_help())
 
 
 def main(argv):
@@ -406,4 +406,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    common.check_command_line(sys.argv)
     app.run(main)

@@ -614,7 +614,7 @@ def pretrain(config) -> dict:
         def loss(p):
             logits, updates = model.apply({"params": p, "batch_stats": state["batch_stats"]},
                                           batch["image"], train=True, mutable=["batch_stats"])
-            return transfer._cross_entropy(logits, batch["label"]), updates["batch_stats"]
+            return transfer.cross_entropy(logits, batch["label"]), updates["batch_stats"]
 
         grads, stats = jax.grad(loss, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -653,7 +653,7 @@ def _train_source_head(config, model, variables, data) -> dict:
 
         def loss(h):
             logits = model.apply({**extra, "params": {**body, **h}}, batch["image"], train=False)
-            return transfer._cross_entropy(logits, batch["label"])
+            return transfer.cross_entropy(logits, batch["label"])
 
         updates, opt_state = tx.update(jax.grad(loss)(state["head"]), state["opt_state"], state["head"])
         return {"step": state["step"] + 1, "head": optax.apply_updates(state["head"], updates),
@@ -697,7 +697,7 @@ def fit_prior(config, source_variables=None):
             # A pre-trained backbone keeps its checkpoint's running statistics (eval-mode BatchNorm, no
             # dropout), as in the target stage: SWAG moves the weights around the loaded ones, while
             # batch statistics of small source batches would not describe the checkpoint's network.
-            return transfer._cross_entropy(model.apply({**extra, "params": p}, batch[0], train=False), batch[1])
+            return transfer.cross_entropy(model.apply({**extra, "params": p}, batch[0], train=False), batch[1])
     else:
         stats = source_variables["batch_stats"]
 
@@ -706,7 +706,7 @@ def fit_prior(config, source_variables=None):
             # statistics are not updated, the source ones are kept for the target (module docstring).
             logits, _ = model.apply({"params": p, "batch_stats": stats}, batch[0], train=True,
                                     mutable=["batch_stats"])
-            return transfer._cross_entropy(logits, batch[1])
+            return transfer.cross_entropy(logits, batch[1])
 
     c = config.prior
     seed = int(config.seed) + 1

@@ -74,7 +74,7 @@ def mlp(params, x):
 
 
 def cross_entropy(params, x, y):
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(mlp(params, x)), y[:, None], axis=-1))
+    return optax.softmax_cross_entropy_with_integer_labels(mlp(params, x), y).mean()
 
 
 def _batches(key, n, batch_size, steps):

@@ -72,7 +72,7 @@ __all__ = [
     "HEAD", "TransferScheme", "TrainState", "Trainer", "SubsetLaplace",
     "fit_swag_prior", "restrict", "make_scheme", "init_posterior", "init_point", "kl_to_prior",
     "log_prior", "sample_frozen", "frozen_mean", "full_params", "sample_subset", "sample_weights",
-    "make_problem", "make_trainer", "head_features",
+    "make_problem", "make_trainer", "head_features", "cross_entropy",
 ]
 
 
@@ -293,8 +293,13 @@ def sample_weights(scheme: TransferScheme, posterior, extra_variables: Optional[
 # Training any method on the subset.
 
 
-def _cross_entropy(logits, labels):
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None].astype(jnp.int32), -1))
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean cross-entropy (1/B) Σᵢ −log softmax(logitsᵢ)_{yᵢ} (``optax.softmax_cross_entropy_with_integer_labels``).
+
+    >>> float(cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3])))  # log 4
+    1.3862943...
+    """
+    return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(labels, jnp.int32)).mean()
 
 
 def make_problem(scheme: TransferScheme, apply_fn: Callable[[dict, jax.Array], jax.Array], *, num_data: int,
@@ -325,7 +330,7 @@ def make_problem(scheme: TransferScheme, apply_fn: Callable[[dict, jax.Array], j
         return sample_frozen(scheme, key) if sample_frozen_weights else frozen_mean(scheme)
 
     def loss(w_subset, batch, key):
-        return _cross_entropy(apply_fn(full_params(w_subset, frozen_for(key)), batch["image"]), batch["label"])
+        return cross_entropy(apply_fn(full_params(w_subset, frozen_for(key)), batch["image"]), batch["label"])
 
     features = labels = None
     if features_fn is not None and train_data is not None:

@@ -15,7 +15,10 @@ A toy method registered in this file alone trains through ``experiments.train`` 
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -141,11 +144,24 @@ def test_unknown_names_fail_with_one_line_naming_the_valid_ones():
         methods.get("sgld").check(num_steps=3)
 
 
-# A method that is registered here and nowhere else: gradient descent with the step η · shrink.
+# A method and a result type that exist here and nowhere else: gradient descent with the step η · shrink,
+# whose result is an isotropic Gaussian N(w, scale² I) around the trained weights.
+class _Jitter(NamedTuple):
+    point: dict
+    scale: jax.Array
+
+    def sample(self, key, n=None):
+        leaves, treedef = jax.tree.flatten(self.point)
+        keys = jax.random.split(key, len(leaves))
+        shape = () if n is None else (int(n),)
+        return jax.tree.unflatten(treedef, [x + self.scale * jax.random.normal(k, shape + x.shape)
+                                            for k, x in zip(keys, leaves)])
+
+
 TOY = methods.Method(
-    "toy", defaults={"shrink": 0.5}, summary="test-only gradient descent with step learning_rate * shrink",
+    "toy", defaults={"shrink": 0.5, "scale": 0.1}, summary="test-only gradient descent with step lr * shrink",
     build=lambda problem, hp, run: point(problem, optax.sgd(run.learning_rate * hp["shrink"]),
-                                         lambda s: types.point_mass(s.params)))
+                                         lambda s: _Jitter(s.params, jnp.float32(hp["scale"]))))
 
 
 @pytest.fixture
@@ -157,24 +173,39 @@ def toy_method():
         methods.unregister("toy")
 
 
-def test_a_method_registered_in_a_test_file_trains_through_experiments_train(toy_method, tmp_path, capsys):
+def test_a_method_registered_in_a_test_file_trains_and_evaluates_through_the_experiments(toy_method, tmp_path,
+                                                                                         capsys):
     from experiments import common
     from tests.experiment_utils import tiny_config
 
     # The config derives config.hparams.toy from the registry; shrink = 0 keeps the start exactly.
     config = tiny_config(tmp_path / "wd", method="toy", **{"hparams.toy.shrink": 0.0})
-    assert config.hparams.toy.to_dict() == {"shrink": 0.0, "learning_rate": None, "steps": None}
+    assert config.hparams.toy.to_dict() == {"shrink": 0.0, "scale": 0.1, "learning_rate": None, "steps": None}
     assert tiny_config(tmp_path / "other").hparams.toy.shrink == 0.5
     common.pretrain(config)
     common.fit_prior(config)
     common.run_cli("train", config)
     assert capsys.readouterr().out.strip().endswith(f"toy: {config.transfer.steps} steps")
+    common.run_cli("evaluate", config)  # BMA over the new result type: transfer.sample_subset → _Jitter.sample
+    metrics = json.loads(capsys.readouterr().out)["in_domain"]["raw"]
     seed = int(config.seed)
-    data, model, extra, scheme = common.setup_transfer(config, seed)
-    posterior, state, finished = common.train_method(config, "toy", seed, (data, model, extra, scheme))
+    setup = common.setup_transfer(config, seed)
+    posterior, state, finished = common.train_method(config, "toy", seed, setup)
     assert finished and int(state.step) == config.transfer.steps
-    _equal(state.params, transfer.init_point(scheme))
-    assert isinstance(posterior, types.SampleSet)
+    _equal(state.params, transfer.init_point(setup[3]))
+    assert isinstance(posterior, _Jitter) and float(posterior.scale) == pytest.approx(0.1)
+    lp = np.load(os.path.join(common.method_dir(config, "toy", seed), "test_log_probs.npy"))
+    labels = setup[0]["test_label"]
+    assert metrics["acc"] == pytest.approx(float(np.mean(np.argmax(lp, -1) == labels)))
+    # draw() stacks n draws of the new type: mean ≈ the point, spread ≈ scale.
+    w = types.draw(posterior, jax.random.PRNGKey(0), 2000)["head"]["kernel"]
+    np.testing.assert_allclose(np.std(np.asarray(w), 0), 0.1, rtol=0.1)
     with pytest.raises(common.ConfigError, match=r"config.hparams.toy: method 'toy' has no hyperparameter\(s\) "
-                                                 r"\['rate'\]; its hyperparameters are \['shrink'\]"):
+                                                 r"\['rate'\]; its hyperparameters are \['scale', 'shrink'\]"):
         common.validate(tiny_config(tmp_path / "wd", method="toy", **{"hparams.toy.rate": 1.0}), "train")
+
+
+def test_every_baseline_constructor_is_a_registered_method():
+    from fpbma import baselines
+
+    assert set(baselines.METHODS) <= set(methods.names())

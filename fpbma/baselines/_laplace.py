@@ -29,6 +29,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
+import optax
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
@@ -125,9 +126,8 @@ def _check_likelihood(likelihood):
 
 def _nll_and_curvature(logits, labels, likelihood):
     if likelihood == "categorical":
-        logp = jax.nn.log_softmax(logits)
-        p = jnp.exp(logp)
-        return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0], \
+        p = jax.nn.softmax(logits)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels), \
             jax.vmap(lambda pi: jnp.diag(pi) - jnp.outer(pi, pi))(p)
     f = logits.reshape(logits.shape[0])
     y = labels.astype(f.dtype)

@@ -1,13 +1,15 @@
-"""Baselines of the FP-BMA paper on one interface (issue 5; DESIGN §6).
+"""Baselines of the FP-BMA paper on one interface: the optimizers and fit functions of every method.
 
 Every method is an optax transform (SGD, SAM, FSAM, bSAM, SGLD/cSGLD, E-MCMC, SWAG/F-SWAG collection,
 FP-BMA) or a fit function (MOPED, last-layer Laplace) whose result is something
 :func:`fpbma.types.draw` accepts: a posterior family of :mod:`fpbma.posterior`, an object with
 ``sample(key, n)``, or a :class:`~fpbma.types.SampleSet`.
 
-``METHODS`` maps the experiment names (``--config.method``) to constructors; :func:`build` validates
+``METHODS`` maps the paper's names to these constructors, for users' own loops; :func:`build` validates
 hyperparameter *names* against the constructor before calling it (values are checked by the
-constructor itself).
+constructor itself). Training a method on a problem, with its defaults and its objective, is
+:mod:`fpbma.methods` (the registry of method names the experiments use). Each algorithm lives in a
+private module (``_sam.py``, ``_swag.py`` …) re-exported here.
 """
 
 from __future__ import annotations

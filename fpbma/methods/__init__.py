@@ -33,6 +33,7 @@ import dataclasses
 import math
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
+import jax
 import jax.numpy as jnp
 
 from fpbma import posterior as post
@@ -151,8 +152,6 @@ def plain_problem(loss_fn: LossFn, params, num_data: int, *, posterior=None, kl=
     """
     if posterior is None:
         half_log = 0.5 * math.log(head_variance)
-        import jax
-
         posterior = post.LowRankGaussian(
             mean=params, log_std=jax.tree.map(lambda x: jnp.full(jnp.shape(x), half_log, jnp.float32), params),
             cov_factor=jax.tree.map(lambda x: jnp.zeros((rank,) + jnp.shape(x), jnp.float32), params))

@@ -74,7 +74,7 @@ def mlp(params, x):
 
 
 def cross_entropy(params, x, y):
-    return optax.softmax_cross_entropy_with_integer_labels(mlp(params, x), y).mean()
+    return fpbma.transfer.cross_entropy(mlp(params, x), y)
 
 
 def _batches(key, n, batch_size, steps):

@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import optax
 from jax.tree_util import Partial
 
-from fpbma import _trees
+from fpbma import _trees, metrics
 from fpbma import posterior as post
 from fpbma.baselines._sgd import sgd as _sgd
 from fpbma.baselines._swag import swag, swag_posterior
@@ -293,12 +293,12 @@ def sample_weights(scheme: TransferScheme, posterior, extra_variables: Optional[
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean cross-entropy (1/B) Σᵢ −log softmax(logitsᵢ)_{yᵢ} (``optax.softmax_cross_entropy_with_integer_labels``).
+    """Mean cross-entropy (1/B) Σᵢ −log softmax(logitsᵢ)_{yᵢ} (of :func:`fpbma.metrics.softmax_cross_entropy`).
 
     >>> round(float(cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3]))), 6)  # log 4
     1.386294
     """
-    return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(labels, jnp.int32)).mean()
+    return jnp.mean(metrics.softmax_cross_entropy(logits, labels))
 
 
 def make_problem(scheme: TransferScheme, apply_fn: Callable[[dict, jax.Array], jax.Array], *, num_data: int,

@@ -29,10 +29,10 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from fpbma import metrics
 from fpbma.baselines._common import check_int, check_number
 
 PyTree = Any
@@ -126,8 +126,8 @@ def _check_likelihood(likelihood):
 
 def _nll_and_curvature(logits, labels, likelihood):
     if likelihood == "categorical":
-        p = jax.nn.softmax(logits)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels), \
+        p = jnp.exp(jax.nn.log_softmax(logits))
+        return metrics.softmax_cross_entropy(logits, labels), \
             jax.vmap(lambda pi: jnp.diag(pi) - jnp.outer(pi, pi))(p)
     f = logits.reshape(logits.shape[0])
     y = labels.astype(f.dtype)

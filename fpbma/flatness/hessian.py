@@ -38,9 +38,10 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import optax
 import numpy as np
 from jax.flatten_util import ravel_pytree
+
+from fpbma import metrics
 
 PyTree = Any
 
@@ -268,7 +269,7 @@ def classifier_loss_per_batch(apply_fn: Callable, variables: PyTree, *, image_ke
     def loss_per_batch(params, batch):
         logits = apply_fn({"params": params, **state}, batch[image_key], **kwargs)
         labels = batch[label_key]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        ce = metrics.softmax_cross_entropy(logits, labels)
         mask = batch[mask_key].astype(ce.dtype) if mask_key in batch else jnp.ones_like(ce)
         return jnp.sum(mask * ce) / jnp.maximum(jnp.sum(mask), 1.0)
 

@@ -11,8 +11,9 @@ Stages and what each caches in the work dir (``config.workdir``):
   evaluation ``metrics.json``.
 
 ``<hash>`` digests the config fields a stage depends on, so a changed config never reuses a stale
-stage. Per-step randomness is ``fold_in(key, step)`` and the data order of epoch e is
-``np.random.default_rng([seed, e])``, so a run killed at any point and restarted finishes with the same
+stage; a method's digest holds its *resolved* hyperparameters (:func:`method_settings`) and no path, so
+changing SAM's ρ never retrains FP-BMA and a moved work dir reuses every stage. Per-step randomness is
+``fold_in(key, step)`` and the data order of epoch e is ``np.random.default_rng([seed, e])``, so a run killed at any point and restarted finishes with the same
 result as an uninterrupted one.
 
 References:
@@ -26,7 +27,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -40,7 +40,7 @@ import optax
 from jax.tree_util import Partial
 
 from fpbma import transfer
-from fpbma.baselines import METHODS
+from fpbma import methods
 from fpbma.models import partition
 from fpbma.models.checkpoints import restore_checkpoint, save_checkpoint
 
@@ -101,13 +101,20 @@ def corruptions_of(config) -> tuple:
 
 def validate(config, stage: str) -> None:
     """Checks a config for ``stage`` ∈ {pretrain, prior, train, evaluate, transfer}; raises ConfigError."""
-    methods = methods_of(config, stage)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ConfigError(f"unknown method(s) {unknown or methods}; choose from {sorted(METHODS)} "
+    chosen = methods_of(config, stage)
+    unknown = [m for m in chosen if m not in methods.names()]
+    if unknown or not chosen:
+        raise ConfigError(f"unknown method(s) {unknown or chosen}; choose from {list(methods.names())} "
                           "(e.g. --config.method=fpbma or --config.methods=fpbma,sgd).")
-    if not (isinstance(config.rho, (int, float)) and math.isfinite(config.rho) and config.rho >= 0):
-        raise ConfigError(f"config.rho={config.rho!r} must be a finite number >= 0 (the KL-ball radius).")
+    if "rho" in config:
+        raise ConfigError("config.rho is gone: every method has its own, e.g. --config.hparams.fpbma.rho=0.05 "
+                          "--config.hparams.sam.rho=0.05.")
+    sections = list(config.get("hparams", None) or {})
+    stray = [m for m in sections if m not in methods.names()]
+    if stray:
+        raise ConfigError(f"config.hparams has section(s) {stray} of no registered method; the methods are "
+                          f"{list(methods.names())}.")
+    settings = {m: method_settings(config, m) for m in chosen}
     if config.transfer.scheme not in partition.SCHEMES:
         raise ConfigError(f"config.transfer.scheme={config.transfer.scheme!r}; choose one of {partition.SCHEMES}.")
     if not config.transfer.alpha > 0:
@@ -129,9 +136,6 @@ def validate(config, stage: str) -> None:
     corruptions_of(config)
     seeds_of(config, stage)
     check_resources(config)
-    for m in methods:
-        if m in ("sgld", "emcmc") and config.transfer.steps < 4:
-            raise ConfigError(f"method {m!r} needs config.transfer.steps >= 4 (one per cosine cycle).")
     if stage in ("train", "evaluate", "transfer"):
         counts = target_class_counts(config)
         k = int(config.data.k_shot)
@@ -141,6 +145,13 @@ def validate(config, stage: str) -> None:
             raise ConfigError(f"config.data.k_shot={k} is too large: class {c} of {config.data.target!r} has "
                               f"{int(counts[c])} training examples, fewer than k training + k validation "
                               f"= {2 * k}. Use --config.data.k_shot <= {int(counts.min()) // 2}.")
+        # Every value check of each method's constructors, run now on a probe problem (N = k per class).
+        for m, (hp, shared) in settings.items():
+            try:
+                methods.get(m).check(hp, learning_rate=shared["learning_rate"], num_steps=shared["steps"],
+                                     kl_weight=shared.get("kl_weight", 1.0), num_data=k * counts.size)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"config.hparams.{m}: {e}") from None
     if stage in ("prior",) and not os.path.isdir(os.path.join(stage_dir(config, "source"), "final")):
         raise ConfigError(f"missing pre-trained source checkpoint {stage_dir(config, 'source')}/final; run "
                           "`python -m experiments.pretrain` with the same config first.")
@@ -247,21 +258,57 @@ def _digest_fields(section: str, fields: dict) -> dict:
     return {k: v for k, v in fields.items() if not (k in optional and not v)}
 
 
-def stage_dir(config, stage: str) -> str:
+def _stage_digest(config, stage: str) -> str:
     data = {k: config.data[k] for k in ("source", "image_size", "source_size") if k in config.data}
     base = {"seed": int(config.seed), "data": _digest_fields("data", data),
             "model": _digest_fields("model", config.model.to_dict()), "pretrain": config.pretrain.to_dict()}
     if stage == "source":
-        return os.path.join(config.workdir, f"source-{_digest(base)}")
+        return _digest(base)
     if stage == "prior":
-        return os.path.join(config.workdir, f"prior-{_digest({**base, 'prior': config.prior.to_dict()})}")
+        return _digest({**base, "prior": config.prior.to_dict()})
     raise ValueError(stage)
 
 
+def stage_dir(config, stage: str) -> str:
+    return os.path.join(config.workdir, f"{stage}-{_stage_digest(config, stage)}")
+
+
+def method_settings(config, method: str) -> tuple:
+    """``(hyperparameters, shared)`` of ``method``: its defaults updated by ``config.hparams.<method>``, and
+    its shared training fields (``learning_rate``, ``steps``, ``kl_weight``), each ``config.transfer``'s
+    unless ``config.hparams.<method>.<field>`` is set. An unknown name raises one ConfigError naming the
+    valid ones.
+
+    >>> from experiments.configs import tiny
+    >>> method_settings(tiny.get_config(), "sam")[1]
+    {'learning_rate': 0.01, 'steps': 6}
+    """
+    m = methods.get(method)
+    section = (config.get("hparams", None) or {}).get(method, None) or {}
+    section = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+    own = {k: v for k, v in section.items() if k not in methods.SHARED_FIELDS}
+    stray = sorted(k for k in section if k in methods.SHARED_FIELDS and k not in m.shared)
+    try:
+        if stray:
+            raise ValueError(f"method {method!r} does not use the shared field(s) {stray}; it uses "
+                             f"{list(m.shared)}.")
+        hp = m.hyperparameters(own)
+    except ValueError as e:
+        raise ConfigError(f"config.hparams.{method}: {e}") from None
+    shared = {f: section[f] if section.get(f) is not None else config.transfer[f] for f in m.shared}
+    if "steps" in shared:
+        _check_positive_int(shared["steps"], f"hparams.{method}.steps")
+    return hp, shared
+
+
 def method_hash(config, method: str) -> str:
-    return _digest({"prior": stage_dir(config, "prior"), "transfer": config.transfer.to_dict(),
-                    "target": config.data.target, "k": config.data.k_shot,
-                    "rho": config.rho if method in ("fpbma", "sam", "fswag", "bsam") else None})
+    """Digest of what a method's training depends on: the prior stage's config, the transfer scheme, the
+    target data and the method's resolved hyperparameters (never a path)."""
+    hp, shared = method_settings(config, method)
+    transfer_fields = {k: v for k, v in config.transfer.to_dict().items() if k not in methods.SHARED_FIELDS}
+    return _digest({"prior": _stage_digest(config, "prior"), "transfer": transfer_fields,
+                    "target": config.data.target, "k": config.data.k_shot, "method": method,
+                    "hparams": {**hp, **shared}})
 
 
 def method_dir(config, method: str, seed: int) -> str:
@@ -567,7 +614,7 @@ def pretrain(config) -> dict:
         def loss(p):
             logits, updates = model.apply({"params": p, "batch_stats": state["batch_stats"]},
                                           batch["image"], train=True, mutable=["batch_stats"])
-            return transfer._cross_entropy(logits, batch["label"]), updates["batch_stats"]
+            return transfer.cross_entropy(logits, batch["label"]), updates["batch_stats"]
 
         grads, stats = jax.grad(loss, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -606,7 +653,7 @@ def _train_source_head(config, model, variables, data) -> dict:
 
         def loss(h):
             logits = model.apply({**extra, "params": {**body, **h}}, batch["image"], train=False)
-            return transfer._cross_entropy(logits, batch["label"])
+            return transfer.cross_entropy(logits, batch["label"])
 
         updates, opt_state = tx.update(jax.grad(loss)(state["head"]), state["opt_state"], state["head"])
         return {"step": state["step"] + 1, "head": optax.apply_updates(state["head"], updates),
@@ -650,7 +697,7 @@ def fit_prior(config, source_variables=None):
             # A pre-trained backbone keeps its checkpoint's running statistics (eval-mode BatchNorm, no
             # dropout), as in the target stage: SWAG moves the weights around the loaded ones, while
             # batch statistics of small source batches would not describe the checkpoint's network.
-            return transfer._cross_entropy(model.apply({**extra, "params": p}, batch[0], train=False), batch[1])
+            return transfer.cross_entropy(model.apply({**extra, "params": p}, batch[0], train=False), batch[1])
     else:
         stats = source_variables["batch_stats"]
 
@@ -659,7 +706,7 @@ def fit_prior(config, source_variables=None):
             # statistics are not updated, the source ones are kept for the target (module docstring).
             logits, _ = model.apply({"params": p, "batch_stats": stats}, batch[0], train=True,
                                     mutable=["batch_stats"])
-            return transfer._cross_entropy(logits, batch[1])
+            return transfer.cross_entropy(logits, batch[1])
 
     c = config.prior
     seed = int(config.seed) + 1
@@ -675,12 +722,6 @@ def fit_prior(config, source_variables=None):
 
 # ----------------------------------------------------------------------------------------------
 # Stage 3: one method on the target.
-
-
-def method_hyperparameters(config, method: str) -> dict:
-    if method in ("fpbma", "sam", "fswag", "bsam"):
-        return {"rho": float(config.rho)}
-    return {}
 
 
 def setup_transfer(config, seed: int, prior=None, source_variables=None):
@@ -703,12 +744,13 @@ def setup_transfer(config, seed: int, prior=None, source_variables=None):
 def make_method_trainer(config, method, model, extra, scheme, data):
     apply = eval_apply(model)
     x, y = normalise(data["train_image"]), data["train_label"]
+    hp, shared = method_settings(config, method)
     return transfer.make_trainer(
         method, scheme, lambda p, im: apply({**extra, "params": p}, im), num_data=x.shape[0],
-        num_steps=int(config.transfer.steps), learning_rate=float(config.transfer.learning_rate),
-        kl_weight=float(config.transfer.kl_weight), sample_frozen_weights=bool(config.transfer.sample_frozen),
+        num_steps=int(shared["steps"]), learning_rate=float(shared["learning_rate"]),
+        kl_weight=float(shared.get("kl_weight", 1.0)), sample_frozen_weights=bool(config.transfer.sample_frozen),
         features_fn=lambda p, im: transfer.head_features(model, {**extra, "params": p}, im),
-        train_data=(x, y), hyperparameters=method_hyperparameters(config, method))
+        train_data=(x, y), hyperparameters=hp)
 
 
 def train_method(config, method: str, seed: int, setup=None):
@@ -723,7 +765,8 @@ def train_method(config, method: str, seed: int, setup=None):
     else:
         batch = {"image": normalise(data["train_image"]), "label": data["train_label"]}
         state, finished = run_loop(config, directory, init, trainer.step, batch,
-                                   num_steps=int(config.transfer.steps), batch_size=int(config.transfer.batch_size),
+                                   num_steps=int(method_settings(config, method)[1]["steps"]),
+                                   batch_size=int(config.transfer.batch_size),
                                    seed=1000 * seed + 17, desc=f"train {method} (seed {seed})")
         if finished:
             save_checkpoint(final, state, overwrite=True)
@@ -896,6 +939,40 @@ def run_pipeline(config, stage: str = "transfer") -> dict:
                   f"(eval {time.perf_counter() - t0:.0f}s)", flush=True)
     write_report(config, results, time.perf_counter() - start)
     return results
+
+
+def check_command_line(argv) -> None:
+    """Checks ``--config.hparams.<method>.<name>`` flags against the registry before absl parses them.
+
+    An unknown method or hyperparameter prints one line ``error: ...`` naming the valid ones and exits
+    with status 2 (absl would raise a KeyError traceback while parsing); so does the removed ``--config.rho``.
+    """
+    for arg in argv[1:]:
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        try:
+            if name == "config.rho":
+                raise ConfigError("--config.rho is gone: every method has its own, e.g. "
+                                  "--config.hparams.fpbma.rho=0.05 --config.hparams.sam.rho=0.05.")
+            if not name.startswith("config.hparams."):
+                continue
+            parts = name.split(".")[2:]
+            if not parts or parts[0] not in methods.names():
+                raise ConfigError(f"--{name}: unknown method {parts[0] if parts else ''!r}; the methods are "
+                                  f"{list(methods.names())}.")
+            m = methods.get(parts[0])
+            valid = sorted(m.defaults) + list(m.shared)
+            if len(parts) != 2 or parts[1] not in valid:
+                raise ConfigError(f"--{name}: method {m.name!r} has no hyperparameter "
+                                  f"{'.'.join(parts[1:])!r}; its names are {valid}.")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+
+def config_help() -> str:
+    """Help text of the ``--config`` flag: the registered methods and how to set their hyperparameters."""
+    return ("experiment config (a Python file with get_config()); methods: " + ", ".join(methods.names())
+            + "; every hyperparameter is --config.hparams.<method>.<name>, e.g. --config.hparams.fpbma.rho=0.05")
 
 
 def run_cli(stage: str, config) -> None:

@@ -123,8 +123,7 @@ def mean_cross_entropy(apply_fn, extra, frozen, images, labels, subset):
       The mean cross-entropy, a float32 scalar.
     """
     logits = apply_fn({**extra, "params": transfer.full_params(subset, frozen)}, images)
-    log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
-    return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None].astype(jnp.int32), axis=-1))
+    return transfer.cross_entropy(logits.astype(jnp.float32), labels)
 
 
 @jax.jit
@@ -387,7 +386,7 @@ def run(config) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Command line.
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "the transfer experiment's config")
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", common.config_help())
 
 
 def main(argv):
@@ -406,4 +405,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    common.check_command_line(sys.argv)
     app.run(main)

@@ -74,7 +74,7 @@ def mlp(params, x):
 
 
 def cross_entropy(params, x, y):
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(mlp(params, x)), y[:, None], axis=-1))
+    return fpbma.transfer.cross_entropy(mlp(params, x), y)
 
 
 def _batches(key, n, batch_size, steps):

@@ -1,7 +1,7 @@
 r"""Stage 3: train one method (`--config.method=NAME`) on the few-shot target (needs `experiments.prior`).
 
     python -m experiments.train                                   # the offline default config
-    python -m experiments.train --config=experiments/configs/default.py --config.rho=0.1
+    python -m experiments.train --config=experiments/configs/default.py --config.hparams.fpbma.rho=0.1
 
 Writes into ``config.workdir`` (default ``./workdir/transfer``); a killed run resumes from its last
 checkpoint. See :mod:`experiments.common` for the stages and the work-dir layout.
@@ -9,12 +9,14 @@ checkpoint. See :mod:`experiments.common` for the stages and the work-dir layout
 
 from __future__ import annotations
 
+import sys
+
 from absl import app
 from ml_collections import config_flags
 
 from experiments import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "experiment config")
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", common.config_help())
 
 
 def main(argv):
@@ -23,4 +25,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    common.check_command_line(sys.argv)
     app.run(main)

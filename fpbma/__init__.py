@@ -1,7 +1,8 @@
 """fpbma: Flat-Posterior-aware Bayesian Model Averaging in JAX.
 
 Posterior families with closed-form KL and Fisher products (:mod:`fpbma.posterior`), and FP-BMA as
-composable optax transforms (:mod:`fpbma.transforms`). See DESIGN §3 for the public API.
+composable optax transforms (:mod:`fpbma.transforms`); every training method behind one interface
+(:mod:`fpbma.methods`, contracts in :mod:`fpbma.types`).
 """
 
 from fpbma.posterior import (
@@ -34,7 +35,7 @@ from fpbma.transforms import (
 
 __version__ = "0.1.0"
 
-from fpbma import baselines, bma, calibration, metrics, models  # noqa: E402  (subpackages that build on the core above)
+from fpbma import baselines, bma, calibration, methods, metrics, models, types  # noqa: E402  (build on the core above)
 
 _LAZY_SUBMODULES = ("data", "flatness", "transfer", "parallel")
 

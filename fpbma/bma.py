@@ -37,7 +37,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from fpbma import metrics
-from fpbma.baselines.types import SampleSet, num_samples as _num_samples_of
+from fpbma.types import SampleSet, num_samples as _num_samples_of
 
 PyTree = Any
 
@@ -298,8 +298,8 @@ def predict_samples(apply_fn: Callable, samples, inputs, *, chunk_size: Optional
 
     Args:
       apply_fn: ``apply_fn(weights, x_batch) -> logits``.
-      samples: a :class:`fpbma.baselines.types.SampleSet` or a pytree whose leaves are stacked on a
-        leading sample axis (e.g. the output of :func:`fpbma.baselines.types.draw`).
+      samples: a :class:`fpbma.types.SampleSet` or a pytree whose leaves are stacked on a
+        leading sample axis (e.g. the output of :func:`fpbma.types.draw`).
       inputs, chunk_size, mask, return_labels: as in :func:`predict`.
       refresh_fn: optional ``refresh_fn(weights, key)`` per sample; sample s gets
         ``jax.random.split(key, S)[s]``.
@@ -315,7 +315,7 @@ def predict_samples(apply_fn: Callable, samples, inputs, *, chunk_size: Optional
         if hasattr(samples, "sample") or type(samples).__name__ in ("DiagGaussian", "LowRankGaussian"):
             raise TypeError(f"predict_samples takes stored samples, got a {type(samples).__name__}; use "
                             "predict(apply_fn, sample_weights, ...) to draw from a posterior on device, or "
-                            "fpbma.baselines.types.draw(...) first.")
+                            "fpbma.types.draw(...) first.")
         samples = SampleSet(samples)
     s = _num_samples_of(samples)
     s, chunk_size = _check_counts(s, chunk_size)

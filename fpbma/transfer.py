@@ -1,4 +1,4 @@
-"""Bayesian transfer learning (DESIGN §4): SWAG prior → Bayesian subset → any method → BMA sampler.
+"""Bayesian transfer learning: SWAG prior → Bayesian subset → any method → BMA sampler.
 
 The scheme of Lim et al. (arXiv 2406.15664, §4):
 
@@ -11,13 +11,14 @@ The scheme of Lim et al. (arXiv 2406.15664, §4):
 4. q initialised from the prior restricted to S — restricting the leaves of a LowRankGaussian gives its
    exact marginal, N(w̄_S, ½(diag σ_S² + D_S D_Sᵀ/(K − 1))) — except the *new* head, which gets mean 0,
    variance α (log σ = ½ log α) and zero low-rank columns;
-5. training with any method of :data:`fpbma.baselines.METHODS` (FP-BMA by default) on S, with the
+5. training with any method of :mod:`fpbma.methods` (FP-BMA by default) on S, with the
    per-example loss E_q[ℓ(w_S, w_F)] + β KL(q_{S∖head} ‖ p_{S∖head}) / N (the head has no informative
    prior, so the KL covers S minus the head), w_F ~ p_F the frozen rest;
 6. BMA with a sampler ``sample_weights(key)`` that draws w_S from the trained posterior (or its
    samples) and w_F from the prior and merges them.
 
-How each method fits the scheme (:func:`make_trainer`):
+How each method fits the scheme (:func:`make_problem` is the scheme as a problem; each method's
+module of :mod:`fpbma.methods` says what it trains; :func:`make_trainer` looks the method up):
 
 * ``fpbma``: q is the LowRankGaussian of step 4, trained by :func:`fpbma.fpbma` on the loss of step 5.
 * ``moped``: q a DiagGaussian, q₀ and its prior from the prior mean (:func:`fpbma.baselines.moped_init`),
@@ -48,24 +49,21 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
 from jax.tree_util import Partial
 
+from fpbma import _trees, metrics
 from fpbma import posterior as post
-from fpbma import transforms
-from fpbma.baselines import (METHODS, SampleSet, bsam, bsam_posterior, build, csgld, emcmc, guiding_params,
-                             is_cycle_end, moped_init, point_mass, swag_posterior)
-from fpbma.baselines.laplace import FullGaussian, fit_last_layer_laplace
-from fpbma.baselines.swag import swag
-from fpbma.baselines.sgd import sgd as _sgd
+from fpbma.baselines._sgd import sgd as _sgd
+from fpbma.baselines._swag import swag, swag_posterior
 from fpbma.models import partition
+from fpbma.types import HEAD, Problem, SampleSet, SubsetLaplace, Trainer, TrainState, sample_one
 
 PyTree = Any
 
@@ -73,56 +71,15 @@ __all__ = [
     "HEAD", "TransferScheme", "TrainState", "Trainer", "SubsetLaplace",
     "fit_swag_prior", "restrict", "make_scheme", "init_posterior", "init_point", "kl_to_prior",
     "log_prior", "sample_frozen", "frozen_mean", "full_params", "sample_subset", "sample_weights",
-    "make_trainer", "head_features",
+    "make_problem", "make_trainer", "head_features", "cross_entropy",
 ]
 
-HEAD = "head"
 
-# ----------------------------------------------------------------------------------------------
-# Restricting pytrees and posteriors to a set of leaf paths.
+# Restricting pytrees and posteriors to a set of leaf paths (:mod:`fpbma._trees`).
 
-
-def _flat(tree) -> dict:
-    return traverse_util.flatten_dict(dict(tree)) if tree else {}
-
-
-def _keep(tree, paths) -> dict:
-    flat = _flat(tree)
-    return traverse_util.unflatten_dict({p: flat[p] for p in flat if p in paths})
-
-
-def restrict(q, like):
-    """q restricted to the leaves whose paths occur in ``like`` (a nested dict of the same kind).
-
-    For a Gaussian this is the exact marginal: the mean, log σ and the rows of the deviation columns D of
-    those coordinates (Σ_SS = ½(diag σ_S² + D_S D_Sᵀ/(K − 1))).
-
-    Args:
-      q: a :class:`fpbma.DiagGaussian` / :class:`fpbma.LowRankGaussian`, or a plain nested dict.
-      like: nested dict whose leaf paths select the coordinates (values are ignored).
-
-    Returns:
-      The same family (or dict) over the selected leaves only.
-    """
-    paths = set(_flat(like))
-    if isinstance(q, (post.DiagGaussian, post.LowRankGaussian)):
-        return type(q)(*[_keep(field, paths) for field in q])
-    return _keep(q, paths)
-
-
-def _is_head(path) -> bool:
-    return path[0] == HEAD
-
-
-def _split_head(tree) -> tuple[dict, dict]:
-    flat = _flat(tree)
-    head = {p: v for p, v in flat.items() if _is_head(p)}
-    rest = {p: v for p, v in flat.items() if not _is_head(p)}
-    return traverse_util.unflatten_dict(rest), traverse_util.unflatten_dict(head)
-
-
-def _empty(tree) -> bool:
-    return not jax.tree_util.tree_leaves(tree)
+restrict = _trees.restrict
+_flat, _keep, _is_head, _split_head, _empty = (_trees.flat, _trees.keep, _trees.is_head, _trees.split_head,
+                                              _trees.empty)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,32 +251,14 @@ def full_params(subset_weights: PyTree, frozen_weights: PyTree) -> dict:
     return partition.merge(subset_weights, frozen_weights) if frozen_weights else dict(subset_weights)
 
 
-class SubsetLaplace(NamedTuple):
-    """Last-layer Laplace within the subset: ``point`` everywhere but the head, the head ~ ``head``."""
-
-    point: PyTree
-    head: FullGaussian
-
-
 def sample_subset(posterior, key: jax.Array) -> PyTree:
-    """One draw of the subset weights from a trained method's result.
+    """One draw of the subset weights from a trained method's result (:func:`fpbma.types.sample_one`).
 
     * DiagGaussian / LowRankGaussian: a sample;
-    * :class:`fpbma.baselines.SampleSet` (MCMC samples, a point mass): a uniformly random stored sample;
-    * :class:`SubsetLaplace`: the point with the head drawn from the Laplace posterior.
+    * :class:`fpbma.types.SampleSet` (MCMC samples, a point mass): a uniformly random stored sample;
+    * :class:`fpbma.types.SubsetLaplace`: the point with the head drawn from the Laplace posterior.
     """
-    if isinstance(posterior, (post.DiagGaussian, post.LowRankGaussian)):
-        return post.sample(posterior, key)
-    if isinstance(posterior, SampleSet):
-        leaves = jax.tree_util.tree_leaves(posterior.samples)
-        i = jax.random.randint(key, (), 0, leaves[0].shape[0])
-        return jax.tree.map(lambda x: x[i], posterior.samples)
-    if isinstance(posterior, SubsetLaplace):
-        flat = _flat(posterior.point)
-        head = posterior.head.sample(key)
-        return traverse_util.unflatten_dict({**{p: v for p, v in flat.items() if not _is_head(p)},
-                                             **{(HEAD,) + p: v for p, v in _flat(head).items()}})
-    raise TypeError(f"sample_subset cannot draw from a {type(posterior).__name__}.")
+    return sample_one(posterior, key)
 
 
 def _sample_variables(scheme, posterior, extra, key):
@@ -353,216 +292,91 @@ def sample_weights(scheme: TransferScheme, posterior, extra_variables: Optional[
 # Training any method on the subset.
 
 
-class TrainState(NamedTuple):
-    """Everything a train step changes; a pytree of arrays (checkpointable).
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean cross-entropy (1/B) Σᵢ −log softmax(logitsᵢ)_{yᵢ} (of :func:`fpbma.metrics.softmax_cross_entropy`).
 
-    Attributes:
-      step: int32 steps taken.
-      params: the trained object (a posterior over S for fpbma/moped, the weights w_S otherwise).
-      opt_state: the optimizer state.
-      samples: collection buffer (leaves ``(M, ...)``) for sgld/emcmc, ``()`` otherwise.
-      num_collected: int32 samples written into ``samples``.
+    >>> round(float(cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3]))), 6)  # log 4
+    1.386294
+    """
+    return jnp.mean(metrics.softmax_cross_entropy(logits, labels))
+
+
+def make_problem(scheme: TransferScheme, apply_fn: Callable[[dict, jax.Array], jax.Array], *, num_data: int,
+                 sample_frozen_weights: bool = True, features_fn: Optional[Callable] = None,
+                 train_data: Optional[tuple] = None) -> Problem:
+    """The transfer scheme as a :class:`fpbma.types.Problem` any method of :mod:`fpbma.methods` trains on.
+
+    * loss ℓ(w_S, batch, key) = cross-entropy of ``apply_fn(full_params(w_S, w_F), batch["image"])`` with
+      ``batch["label"]``, w_F ~ p_F drawn from ``key`` (or the prior mean);
+    * start: the prior mean with the head at 0 (:func:`init_point`); posterior start :func:`init_posterior`;
+    * KL(q_{S∖head} ‖ p_{S∖head}) (:func:`kl_to_prior`) and log p_{S∖head} (:func:`log_prior`);
+    * head features of the training set at w_S and the prior mean of the frozen weights (``features_fn``
+      and ``train_data``, for last-layer Laplace).
+
+    Args:
+      scheme: the :class:`TransferScheme`.
+      apply_fn: ``(params, images) -> logits`` (closes over BatchNorm statistics; eval mode).
+      num_data: N, the training-set size.
+      sample_frozen_weights: draw frozen weights from the prior at every step (the scheme) or use the mean.
+      features_fn: ``(params, images) -> head inputs``, or None.
+      train_data: ``(images, labels)`` of the whole training set, or None.
+
+    Returns:
+      A :class:`fpbma.types.Problem`.
     """
 
-    step: jax.Array
-    params: PyTree
-    opt_state: PyTree
-    samples: PyTree
-    num_collected: jax.Array
+    def frozen_for(key):
+        return sample_frozen(scheme, key) if sample_frozen_weights else frozen_mean(scheme)
 
+    def loss(w_subset, batch, key):
+        return cross_entropy(apply_fn(full_params(w_subset, frozen_for(key)), batch["image"]), batch["label"])
 
-class Trainer(NamedTuple):
-    """``init() -> TrainState``; pure ``step(state, batch, key) -> state``; ``finalize(state) -> posterior``."""
-
-    init: Callable[[], TrainState]
-    step: Callable[[TrainState, Any, jax.Array], TrainState]
-    finalize: Callable[[TrainState], Any]
-
-
-_DEFAULTS = {
-    "fpbma": dict(rho=0.05, momentum=0.9, damping=1e-3, covariance_lr_scale=0.1),
-    "sgd": dict(momentum=0.9),
-    "sam": dict(rho=0.05, momentum=0.9),
-    "fsam": dict(rho=0.1, eta=1.0, momentum=0.9),
-    "bsam": dict(rho=0.05),
-    "moped": dict(moped_delta=0.1),
-    "sgld": dict(n_cycle=4, exploration_ratio=0.8, temp=1.0),
-    "emcmc": dict(eta=1e-2, n_cycle=4, exploration_ratio=0.5, temp=1.0),
-    "swag": dict(momentum=0.9, collect_every=1, max_num_models=5),
-    "fswag": dict(rho=0.05, momentum=0.9, collect_every=1, max_num_models=5),
-    "laplace": dict(momentum=0.9),
-}
-
-
-def _cross_entropy(logits, labels):
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None].astype(jnp.int32), -1))
+    features = labels = None
+    if features_fn is not None and train_data is not None:
+        features = lambda w: features_fn(full_params(w, frozen_mean(scheme)), train_data[0])  # noqa: E731
+        labels = jnp.asarray(train_data[1])
+    q0 = init_posterior(scheme)
+    return Problem(loss=loss, init_params=q0.mean, num_data=int(num_data), init_posterior=q0,
+                   kl=lambda q: kl_to_prior(scheme, q), log_prior=lambda w: log_prior(scheme, w),
+                   features=features, labels=labels, head=HEAD, head_variance=scheme.alpha)
 
 
 def make_trainer(method: str, scheme: TransferScheme, apply_fn: Callable[[dict, jax.Array], jax.Array], *,
                  num_data: int, num_steps: int, learning_rate: float, kl_weight: float = 1.0,
                  sample_frozen_weights: bool = True, features_fn: Optional[Callable] = None,
                  train_data: Optional[tuple] = None, hyperparameters: Optional[dict] = None) -> Trainer:
-    """A :class:`Trainer` for one method of :data:`fpbma.baselines.METHODS` on the transfer scheme.
+    """A :class:`fpbma.types.Trainer` for a registered method (:func:`fpbma.methods.names`) on the scheme.
 
-    The data term is ℓ(w) = cross-entropy of ``apply_fn(full_params(w_S, w_F), batch["image"])`` with
-    ``batch["label"]``, w_F ~ p_F drawn from the step key (the same w_F and reparameterisation noise in
-    both passes of sharpness-aware methods).
+    ``fpbma.methods.get(method).trainer(make_problem(...), ...)``: the method owns its objective and
+    defaults; ``hyperparameters`` overrides them by name (an unknown name raises, naming the valid ones).
 
     Args:
-      method: a key of :data:`fpbma.baselines.METHODS`.
+      method: a name of :func:`fpbma.methods.names`.
       scheme: the :class:`TransferScheme`.
       apply_fn: ``(params, images) -> logits`` (closes over BatchNorm statistics; eval mode).
       num_data: N, the training-set size.
       num_steps: total steps of the run (schedules, SWAG start, SGLD cycles).
       learning_rate: η of the method (SGLD/E-MCMC use η/N on the summed potential, i.e. η on the mean loss).
-      kl_weight: β on KL/N (fpbma, moped).
+      kl_weight: β on KL/N (variational methods).
       sample_frozen_weights: draw frozen weights from the prior at every step (the scheme) or use the mean.
       features_fn: ``(params, images) -> head inputs``, required by ``laplace``.
       train_data: ``(images, labels)`` of the whole training set, required by ``laplace``.
       hyperparameters: method-specific values overriding the defaults (e.g. ``{"rho": 0.1}``).
 
     Returns:
-      A :class:`Trainer`.
+      A :class:`fpbma.types.Trainer`.
+
+    >>> from fpbma import methods
+    >>> "fpbma" in methods.names()
+    True
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}.")
-    hp = dict(_DEFAULTS[method])
-    hp.update(hyperparameters or {})
-    n = int(num_data)
+    from fpbma import methods
 
-    def frozen_for(key):
-        return sample_frozen(scheme, key) if sample_frozen_weights else frozen_mean(scheme)
-
-    def data_loss(w_subset, w_frozen, batch):
-        return _cross_entropy(apply_fn(full_params(w_subset, w_frozen), batch["image"]), batch["label"])
-
-    def wrap(init_params, tx, loss_and_update, finalize, buffer=None):
-        def init():
-            return TrainState(jnp.zeros([], jnp.int32), init_params, tx.init(init_params),
-                              () if buffer is None else buffer, jnp.zeros([], jnp.int32))
-
-        def step(state, batch, key):
-            params, opt_state, samples, num = loss_and_update(state, batch, key)
-            return TrainState(state.step + 1, params, opt_state, samples, num)
-
-        return Trainer(init, step, finalize)
-
-    # --- variational methods: q over the subset -------------------------------------------------
-    if method in ("fpbma", "moped"):
-        if method == "fpbma":
-            q0 = init_posterior(scheme)
-            kl_fn = lambda q: kl_to_prior(scheme, q)  # noqa: E731
-            tx = transforms.fpbma(learning_rate, **hp)
-        else:
-            q_lr = init_posterior(scheme)
-            q0, p_moped = moped_init(q_lr.mean, hp.get("moped_delta", 0.1))
-            log_std = partition.merge(_split_head(q0.log_std)[0],
-                                      jax.tree.map(lambda z: jnp.full_like(z, 0.5 * math.log(scheme.alpha)),
-                                                   scheme.head))
-            q0 = post.DiagGaussian(q0.mean, log_std)
-            body = _split_head(q0.mean)[0]
-            p_body = restrict(p_moped, body)
-            kl_fn = (lambda q: jnp.zeros([], jnp.float32)) if _empty(body) else \
-                (lambda q: post.kl_divergence(restrict(q, body), p_body))  # noqa: E731
-            tx = build("moped", learning_rate=learning_rate, **hp).tx
-
-        def update(state, batch, key):
-            k_noise, k_frozen = jax.random.split(key)
-            q = state.params
-            noise = post.sample_noise(q, k_noise)
-            w_frozen = frozen_for(k_frozen)
-
-            def loss(q_):
-                expected = data_loss(post.sample_from_noise(q_, noise), w_frozen, batch)
-                return expected + kl_weight * kl_fn(q_) / n
-
-            grad_fn = jax.grad(loss)
-            updates, opt_state = optax.with_extra_args_support(tx).update(grad_fn(q), state.opt_state, q,
-                                                                           grad_fn=grad_fn)
-            return optax.apply_updates(q, updates), opt_state, state.samples, state.num_collected
-
-        return wrap(q0, tx, update, lambda s: s.params)
-
-    w0 = init_point(scheme)
-
-    def grad_point(w, w_frozen, batch):
-        return jax.grad(lambda w_: data_loss(w_, w_frozen, batch))(w)
-
-    # --- point estimates, SWAG and bSAM ------------------------------------------------------
-    if method in ("sgd", "sam", "fsam", "swag", "fswag", "laplace", "bsam"):
-        if method == "laplace":
-            tx = build("sgd", learning_rate=learning_rate, **hp)
-        elif method in ("swag", "fswag"):
-            hp.setdefault("swa_start", num_steps // 2)
-            tx = build(method, learning_rate=learning_rate, **hp)
-        elif method == "bsam":
-            tx = bsam(learning_rate, num_data=n, **hp)
-        else:
-            tx = build(method, learning_rate=learning_rate, **hp)
-        tx = optax.with_extra_args_support(tx)
-        needs_grad_fn = method in ("sam", "fsam", "fswag", "bsam")
-
-        def update(state, batch, key):
-            w_frozen = frozen_for(key)
-            grad_fn = lambda w_: grad_point(w_, w_frozen, batch)  # noqa: E731
-            g = jax.tree.map(jnp.zeros_like, state.params) if method == "bsam" else grad_fn(state.params)
-            extra = {"grad_fn": grad_fn} if needs_grad_fn else {}
-            updates, opt_state = tx.update(g, state.opt_state, state.params, **extra)
-            return optax.apply_updates(state.params, updates), opt_state, state.samples, state.num_collected
-
-        if method in ("swag", "fswag"):
-            finalize = lambda s: swag_posterior(s.opt_state)  # noqa: E731
-        elif method == "bsam":
-            finalize = lambda s: bsam_posterior(s.params, s.opt_state, n)  # noqa: E731
-        elif method == "laplace":
-            if features_fn is None or train_data is None:
-                raise ValueError("method 'laplace' needs features_fn and train_data (the features of the "
-                                 "training set at the trained subset feed the last-layer GGN).")
-
-            def finalize(s):
-                params = full_params(s.params, frozen_mean(scheme))
-                feats = features_fn(params, train_data[0])
-                fit = fit_last_layer_laplace(lambda h, f: f @ h["kernel"] + h["bias"], s.params[HEAD], feats,
-                                             jnp.asarray(train_data[1]))
-                return SubsetLaplace(point=s.params, head=fit.posterior)
-        else:
-            finalize = lambda s: point_mass(s.params)  # noqa: E731
-        return wrap(w0, tx, update, finalize)
-
-    # --- Langevin samplers -------------------------------------------------------------------
-    n_cycle = int(hp.pop("n_cycle"))
-    if method == "sgld":
-        tx = csgld(learning_rate / n, num_steps=num_steps, n_cycle=n_cycle, **hp)
-        per_cycle = 1
-    else:
-        tx = emcmc(learning_rate / n, num_steps=num_steps, n_cycle=n_cycle, **hp)
-        per_cycle = 2
-    buffer = jax.tree.map(lambda x: jnp.zeros((n_cycle * per_cycle,) + jnp.shape(x), jnp.float32), w0)
-
-    def update(state, batch, key):
-        w_frozen = frozen_for(key)
-
-        def potential(w_):
-            return n * data_loss(w_, w_frozen, batch) - log_prior(scheme, w_)
-
-        updates, opt_state = tx.update(jax.grad(potential)(state.params), state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        collect = is_cycle_end(state.step + 1, num_steps, n_cycle)
-        new = [params] if method == "sgld" else [params, guiding_params(opt_state)]
-        samples, num = state.samples, state.num_collected
-        for w in new:
-            row = jnp.minimum(num, n_cycle * per_cycle - 1)
-            samples = jax.tree.map(lambda b, x: jnp.where(collect, b.at[row].set(x), b), samples, w)
-            num = num + collect.astype(jnp.int32)
-        return params, opt_state, samples, num
-
-    def finalize(s):
-        m = int(s.num_collected)
-        if m < 1:
-            raise ValueError(f"{method} collected no samples in {int(s.step)} steps; run all {num_steps} steps.")
-        return SampleSet(jax.tree.map(lambda b: b[:m], s.samples))
-
-    return wrap(w0, tx, update, finalize, buffer)
+    m = methods.get(method)
+    problem = make_problem(scheme, apply_fn, num_data=num_data, sample_frozen_weights=sample_frozen_weights,
+                           features_fn=features_fn, train_data=train_data)
+    return m.trainer(problem, learning_rate=learning_rate, num_steps=num_steps, kl_weight=kl_weight,
+                     **dict(hyperparameters or {}))
 
 
 def head_features(model: nn.Module, variables: dict, images: jax.Array) -> jax.Array:

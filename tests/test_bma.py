@@ -9,7 +9,7 @@ from jax.tree_util import Partial
 
 import fpbma
 from fpbma import bma
-from fpbma.baselines.types import SampleSet
+from fpbma.types import SampleSet
 from fpbma.data.pipeline import batches
 
 N_IN, N_HIDDEN, N_CLASSES = 6, 8, 4

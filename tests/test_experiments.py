@@ -113,7 +113,9 @@ def test_kill_and_resume_is_bit_identical(tmp_path, method):
 @pytest.mark.parametrize("overrides, stage, message", [
     ({"method": "adam"}, "train", "unknown method"),
     ({"methods": ("fpbma", "nope")}, "transfer", "unknown method"),
-    ({"rho": -0.1}, "transfer", "config.rho=-0.1"),
+    ({"hparams.fpbma.rho": -0.1}, "transfer", r"config.hparams.fpbma: rho=-0.1"),
+    ({"methods": ("sgld",), "hparams.sgld.steps": 3}, "transfer", r"config.hparams.sgld: n_cycle=4 exceeds num_steps=3"),
+    ({"method": "sam", "hparams.sam.learning_rate": -1.0}, "train", r"config.hparams.sam: learning_rate=-1.0"),
     ({"data.k_shot": 1000}, "transfer", "k_shot=1000 is too large"),
     ({"eval.corruptions": "rain"}, "transfer", "unknown corruption"),
     ({"prior.rank": 1}, "transfer", "rank=1 must be >= 2"),
@@ -129,13 +131,57 @@ def test_bad_configs_fail_before_any_work(tmp_path, overrides, stage, message):
     assert not workdir.exists()  # nothing written
 
 
-def test_command_line_error_is_one_clear_message(tmp_path):
+@pytest.mark.parametrize("flag, message", [
+    ("--config.method=adamw", "error: unknown method(s) ['adamw']"),
+    ("--config.hparams.sam.temperature=0.1", "error: --config.hparams.sam.temperature: method 'sam' has no "
+                                             "hyperparameter 'temperature'; its names are ['momentum', 'nesterov', "
+                                             "'rho', 'weight_decay', 'learning_rate', 'steps']"),
+    ("--config.hparams.adamw.rho=0.1", "error: --config.hparams.adamw.rho: unknown method 'adamw'; the methods are "
+                                       "['fpbma', 'sgd'"),
+    ("--config.rho=0.1", "error: --config.rho is gone"),
+])
+def test_command_line_error_is_one_clear_message(tmp_path, flag, message):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "experiments.train", "--config=experiments/configs/tiny.py",
-                           f"--config.workdir={tmp_path / 'wd'}", "--config.method=adamw"],
+                           f"--config.workdir={tmp_path / 'wd'}", flag],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert lines[-1].startswith("error: unknown method(s) ['adamw']"), proc.stderr[-2000:]
+    assert lines[-1].startswith(message), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "wd").exists()
+
+
+def test_method_digest_holds_its_own_resolved_hyperparameters_and_no_path(tmp_path):
+    config = _config(tmp_path / "a")
+    before = {m: os.path.basename(common.method_dir(config, m, 0)) for m in ("fpbma", "sam", "sgd")}
+    # A moved work dir keeps every digest (no path enters it).
+    moved = _config(tmp_path / "b")
+    assert {m: os.path.basename(common.method_dir(moved, m, 0)) for m in before} == before
+    # SAM's rho changes SAM's digest only; setting a hyperparameter to its default changes nothing.
+    config.hparams.sam.rho = 0.5
+    after = {m: os.path.basename(common.method_dir(config, m, 0)) for m in before}
+    assert after["sam"] != before["sam"] and after["fpbma"] == before["fpbma"] and after["sgd"] == before["sgd"]
+    config.hparams.sam.rho = 0.05
+    assert os.path.basename(common.method_dir(config, "sam", 0)) == before["sam"]
+    # A shared field set per method equals the same value inherited from config.transfer.
+    config.hparams.sgd.learning_rate = float(config.transfer.learning_rate)
+    assert os.path.basename(common.method_dir(config, "sgd", 0)) == before["sgd"]
+    config.hparams.sgd.learning_rate = 0.5
+    hp, shared = common.method_settings(config, "sgd")
+    assert shared == {"learning_rate": 0.5, "steps": config.transfer.steps} and hp["momentum"] == 0.9
+    assert os.path.basename(common.method_dir(config, "sgd", 0)) != before["sgd"]
+    # The KL weight is a shared field of the variational methods only.
+    assert common.method_settings(config, "fpbma")[1]["kl_weight"] == config.transfer.kl_weight
+    assert "kl_weight" not in common.method_settings(config, "sgd")[1]
+    config.transfer.kl_weight = 0.5
+    assert os.path.basename(common.method_dir(config, "sam", 0)) == before["sam"]
+    assert os.path.basename(common.method_dir(config, "fpbma", 0)) != before["fpbma"]
+
+
+def test_overridden_hyperparameters_reach_the_method(tmp_path):
+    """--config.hparams.<m>.<name> is what the trainer gets: SGD with momentum 0 and lr η moves w by −η∇ℓ."""
+    config = _config(tmp_path / "wd", **{"hparams.sgd.momentum": 0.0, "hparams.sgd.learning_rate": 0.3})
+    hp, shared = common.method_settings(config, "sgd")
+    assert hp["momentum"] == 0.0 and shared["learning_rate"] == 0.3
+    common.validate(config, "transfer")

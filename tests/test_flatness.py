@@ -13,7 +13,7 @@ from jax.flatten_util import ravel_pytree
 
 import fpbma
 import fpbma.flatness as fl
-from fpbma.baselines.types import SampleSet
+from fpbma.types import SampleSet
 
 # ----------------------------------------------------------------------------------------------
 # A quadratic ℓ(w) = ½ xᵀ A x + bᵀ x over a two-leaf pytree, x = ravel(w): H = A everywhere.

@@ -25,7 +25,7 @@ from experiments import common
 from experiments import flatness as flat_exp
 from tests.experiment_utils import tiny_config
 from fpbma import bma
-from fpbma.baselines.types import SampleSet
+from fpbma.types import SampleSet
 from fpbma.models import partition
 
 ROOT = Path(__file__).resolve().parents[1]

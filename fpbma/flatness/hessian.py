@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from fpbma import metrics
+
 PyTree = Any
 
 __all__ = [
@@ -267,7 +269,7 @@ def classifier_loss_per_batch(apply_fn: Callable, variables: PyTree, *, image_ke
     def loss_per_batch(params, batch):
         logits = apply_fn({"params": params, **state}, batch[image_key], **kwargs)
         labels = batch[label_key]
-        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+        ce = metrics.softmax_cross_entropy(logits, labels)
         mask = batch[mask_key].astype(ce.dtype) if mask_key in batch else jnp.ones_like(ce)
         return jnp.sum(mask * ce) / jnp.maximum(jnp.sum(mask), 1.0)
 

@@ -19,7 +19,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from fpbma import posterior as post
-from fpbma.baselines import types
+from fpbma import types
 from fpbma.flatness import hessian as hs
 
 PyTree = Any
@@ -70,8 +70,8 @@ def posterior_flatness(loss_fn: Callable, samples_or_posterior, key: jax.Array, 
     Args:
       loss_fn: ``w -> scalar`` (or ``(w, batch) -> scalar`` with ``batches``), where w has the structure
         of one sample (e.g. the ``params`` tree; close the loss over fixed BatchNorm statistics).
-      samples_or_posterior: anything :func:`fpbma.baselines.types.draw` accepts — a DiagGaussian or
-        LowRankGaussian, an object with ``sample(key, n)``, or a :class:`~fpbma.baselines.types.SampleSet`.
+      samples_or_posterior: anything :func:`fpbma.types.draw` accepts — a DiagGaussian or
+        LowRankGaussian, an object with ``sample(key, n)``, or a :class:`~fpbma.types.SampleSet`.
       key: PRNG key (split for the draw and each sample's Lanczos start / probes).
       num_samples: S for a parametric posterior; for a SampleSet, a random subset of that size, or all of
         its samples when None or ≥ its size.
@@ -91,7 +91,7 @@ def posterior_flatness(loss_fn: Callable, samples_or_posterior, key: jax.Array, 
             getattr(obj, "sample", None)):
         raise TypeError(f"posterior_flatness got a {type(obj).__name__}: pass a DiagGaussian, LowRankGaussian, "
                         "an object with sample(key, n), or stacked weights wrapped as "
-                        "fpbma.baselines.types.SampleSet(samples).")
+                        "fpbma.types.SampleSet(samples).")
     k = hs._check_int(k, "k", 1)
     trace_samples = hs._check_int(trace_samples, "trace_samples", 0)
     if trace_samples == 1:

@@ -1,6 +1,5 @@
 """bSAM: steps on a quadratic equal Algorithm 1 of Möllenhoff & Khan (2023) computed by hand."""
 
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +8,7 @@ import pytest
 
 import fpbma
 
-bsam_lib = importlib.import_module("fpbma.baselines.bsam")
+from fpbma.baselines import _bsam as bsam_lib
 
 A = np.array([[2.0, 0.5], [0.5, 1.0]])
 B = np.array([1.0, -1.0])

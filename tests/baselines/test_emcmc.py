@@ -4,7 +4,6 @@ For U(θ) = ½(θ − μ)ᵀΣ⁻¹(θ − μ): θ ~ N(μ, Σ) and θ_a | θ ~ N
 Cov(θ, θ_a) = Σ.
 """
 
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,7 @@ import pytest
 
 from tests.baselines.mcmc_utils import check_gaussian_moments
 
-emcmc_lib = importlib.import_module("fpbma.baselines.emcmc")
+from fpbma.baselines import _emcmc as emcmc_lib
 
 SIGMA = np.array([[1.0, 0.8], [0.8, 1.0]])
 PRECISION = np.linalg.inv(SIGMA)

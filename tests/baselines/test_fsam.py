@@ -1,13 +1,12 @@
 """FSAM: steps on a quadratic equal Kim et al. (2022)'s perturbation computed by hand."""
 
-import importlib
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-fsam_lib = importlib.import_module("fpbma.baselines.fsam")
-sam_lib = importlib.import_module("fpbma.baselines.sam")
+from fpbma.baselines import _fsam as fsam_lib
+from fpbma.baselines import _sam as sam_lib
 
 A = np.array([[2.0, 0.5], [0.5, 1.0]])
 B = np.array([1.0, -1.0])

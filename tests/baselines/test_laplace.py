@@ -1,6 +1,5 @@
 """Last-layer Laplace: precision = exact Hessian at the MAP + prior precision; marginal likelihood; sampling."""
 
-import importlib
 
 import distrax
 import jax
@@ -9,9 +8,9 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from fpbma.baselines.types import draw
+from fpbma.types import draw
 
-laplace = importlib.import_module("fpbma.baselines.laplace")
+from fpbma.baselines import _laplace as laplace
 
 
 def _data(num_classes, n=40, h=3, seed=0):

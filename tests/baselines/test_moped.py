@@ -1,6 +1,5 @@
 """MOPED: the initial q and prior follow Krishnan et al. (2020); training lowers the negative ELBO."""
 
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +9,7 @@ import pytest
 
 import fpbma
 
-moped_lib = importlib.import_module("fpbma.baselines.moped")
+from fpbma.baselines import _moped as moped_lib
 
 
 def test_initial_posterior_and_prior_match_definition():

@@ -1,12 +1,11 @@
 """SAM (via optax.contrib.sam, opaque mode): steps on a quadratic equal Foret et al. (2021) by hand."""
 
-import importlib
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sam_lib = importlib.import_module("fpbma.baselines.sam")
+from fpbma.baselines import _sam as sam_lib
 
 A = np.array([[2.0, 0.5], [0.5, 1.0]])
 B = np.array([1.0, -1.0])

@@ -1,12 +1,11 @@
 """SGD/MAP: steps with momentum and weight decay equal the formula by hand."""
 
-import importlib
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sgd_lib = importlib.import_module("fpbma.baselines.sgd")
+from fpbma.baselines import _sgd as sgd_lib
 
 
 def test_steps_equal_hand_computation():

@@ -6,9 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-import importlib
-
-sgld_lib = importlib.import_module("fpbma.baselines.sgld")  # the package re-exports the function sgld
+from fpbma.baselines import _sgld as sgld_lib
 from tests.baselines.mcmc_utils import check_gaussian_moments
 
 SIGMA = np.array([[1.0, 0.8], [0.8, 1.0]])

@@ -1,6 +1,5 @@
 """SWAG statistics, posterior and samples against a NumPy computation on a given trajectory."""
 
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +8,10 @@ import optax
 import pytest
 
 import fpbma
-from fpbma.baselines.types import draw
+from fpbma.types import draw
 
-swag_lib = importlib.import_module("fpbma.baselines.swag")
-sam_lib = importlib.import_module("fpbma.baselines.sam")
+from fpbma.baselines import _swag as swag_lib
+from fpbma.baselines import _sam as sam_lib
 
 
 def _trajectory(num_steps, seed=0):

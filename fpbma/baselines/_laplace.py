@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from fpbma import metrics
 from fpbma.baselines._common import check_int, check_number
 
 PyTree = Any
@@ -125,9 +126,8 @@ def _check_likelihood(likelihood):
 
 def _nll_and_curvature(logits, labels, likelihood):
     if likelihood == "categorical":
-        logp = jax.nn.log_softmax(logits)
-        p = jnp.exp(logp)
-        return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0], \
+        p = jnp.exp(jax.nn.log_softmax(logits))
+        return metrics.softmax_cross_entropy(logits, labels), \
             jax.vmap(lambda pi: jnp.diag(pi) - jnp.outer(pi, pi))(p)
     f = logits.reshape(logits.shape[0])
     y = labels.astype(f.dtype)

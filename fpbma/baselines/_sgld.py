@@ -12,7 +12,7 @@ cSGLD splits the K steps into M = n_cycle cosine cycles of length L = ⌈K/M⌉,
 and in each cycle runs an *exploration* phase (r(k) < β = exploration_ratio: plain gradient steps,
 no noise) followed by a *sampling* phase (r(k) ≥ β: the SGLD step above). Samples are collected at
 the end of each cycle (:func:`is_cycle_end`) and stacked into a
-:class:`~fpbma.baselines.types.SampleSet`.
+:class:`~fpbma.types.SampleSet`.
 
 References:
   Welling & Teh, "Bayesian Learning via Stochastic Gradient Langevin Dynamics", ICML 2011.

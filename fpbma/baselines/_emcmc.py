@@ -14,7 +14,7 @@ flat basins. Both variables move by one SGLD step on the joint energy (temperatu
 The step is explicit in the coupling, so it needs α_k < η (checked when the step size is a float).
 The transform updates θ (the params); θ_a lives in the state (:func:`guiding_params`). With
 ``num_steps`` and ``n_cycle`` the step size follows cSGLD's cyclical cosine schedule, with its
-exploration phase; samples are collected as for cSGLD (:func:`fpbma.baselines.sgld.is_cycle_end`).
+exploration phase; samples are collected as for cSGLD (:func:`fpbma.baselines.is_cycle_end`).
 
 Units: ``grads`` is ∇U with U the *summed* negative log posterior. The authors' released code works with
 the mean loss ℓ̄ = U/N and a step ``lr`` on it; that is this update with α = lr/N and the same η, T.
@@ -35,7 +35,7 @@ import optax
 
 from fpbma.baselines._common import check_int, check_number, find_state
 from fpbma.posterior import tree_normal_like
-from fpbma.baselines.sgld import cycle_length, cyclical_cosine_schedule
+from fpbma.baselines._sgld import cycle_length, cyclical_cosine_schedule
 
 PyTree = Any
 

@@ -4,8 +4,8 @@ The update (heavy-ball momentum, coupled L2 weight decay):
 
     g ← ∇ℓ(w) + wd · w,    m ← μ m + g,    w ← w − η m.
 
-The fitted weights are a point estimate; wrap them with :func:`fpbma.baselines.types.point_mass` to
-hand them to BMA code (a one-sample :class:`~fpbma.baselines.types.SampleSet`).
+The fitted weights are a point estimate; wrap them with :func:`fpbma.types.point_mass` to
+hand them to BMA code (a one-sample :class:`~fpbma.types.SampleSet`).
 
 Reference: Robbins & Monro (1951); Polyak (1964) for momentum. As the "DNN" baseline in
 Lim et al., "Flat Posterior Does Matter For Bayesian Model Averaging", arXiv:2406.15664.

@@ -17,7 +17,7 @@ F-SWAG is SWAG collected along a sharpness-aware trajectory: the wrapped optimiz
 
 BatchNorm statistics depend on the sampled weights; :func:`swag_samples` takes an optional
 ``refresh_fn(weights) -> variables`` (e.g. one pass over training data in train mode) applied to every
-sample, and returns a :class:`~fpbma.baselines.types.SampleSet` of its results.
+sample, and returns a :class:`~fpbma.types.SampleSet` of its results.
 
 References:
   Maddox, Izmailov, Garipov, Vetrov & Wilson, "A Simple Baseline for Bayesian Uncertainty in Deep
@@ -35,8 +35,8 @@ import optax
 
 from fpbma import posterior as post
 from fpbma.baselines._common import check_int, check_number, find_state
-from fpbma.baselines.sam import sam
-from fpbma.baselines.types import SampleSet, stack_samples
+from fpbma.baselines._sam import sam
+from fpbma.types import SampleSet, stack_samples
 
 PyTree = Any
 
@@ -118,7 +118,7 @@ def swag(optimizer: optax.GradientTransformation, swa_start: int = 0, collect_ev
 
 def fswag(learning_rate, rho: float = 0.05, momentum: float = 0.9, weight_decay: float = 0.0,
           swa_start: int = 0, collect_every: int = 1, max_num_models: int = 20) -> optax.GradientTransformationExtraArgs:
-    """F-SWAG: :func:`swag` around SAM (:func:`fpbma.baselines.sam.sam`); ``update`` needs ``grad_fn``.
+    """F-SWAG: :func:`swag` around SAM (:func:`fpbma.baselines.sam`); ``update`` needs ``grad_fn``.
 
     References:
       Nguyen et al., "Flat Seeking Bayesian Neural Networks", NeurIPS 2023.

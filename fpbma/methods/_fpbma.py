@@ -1,0 +1,32 @@
+"""FP-BMA: a posterior q_θ trained by the sharpness-aware objective min_θ max_{KL(q_{θ+Δ} ‖ q_θ) ≤ γ} L(θ + Δ).
+
+L(θ) = E_{q_θ}[ℓ(w)] + β KL(q_θ ‖ p)/N, optimised by :func:`fpbma.fpbma` (Δ* = ρ F⁻¹g/√(gᵀF⁻¹g) with the
+posterior's Fisher F, ρ = √(2γ) in nats^½) from the problem's initial posterior.
+
+>>> from fpbma import methods
+>>> methods.get("fpbma").defaults["rho"]
+0.05
+
+Reference: Lim et al., "Flat Posterior Does Matter For Bayesian Model Averaging", arXiv:2406.15664.
+"""
+
+from __future__ import annotations
+
+from fpbma import transforms
+from fpbma.methods import Method, register
+from fpbma.methods._adapters import variational, zero_kl
+
+
+def _build(problem, hp, run):
+    if problem.init_posterior is None:
+        raise ValueError("method 'fpbma' trains a posterior: the problem needs init_posterior (a LowRankGaussian).")
+    tx = transforms.fpbma(run.learning_rate, **hp)
+    return variational(problem, problem.init_posterior, problem.kl or zero_kl, tx, run.kl_weight)
+
+
+FPBMA = register(Method(
+    "fpbma",
+    defaults=dict(rho=0.05, momentum=0.9, damping=1e-3, covariance_lr_scale=0.1, weight_decay=0.0,
+                  natural_gradient=False, nesterov=False),
+    build=_build, shared=("learning_rate", "steps", "kl_weight"),
+    summary="FP-BMA: the posterior trained in a KL ball of radius rho (nats^1/2) around it"))

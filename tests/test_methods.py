@@ -1,0 +1,211 @@
+"""The shared harness every registered method joins by being registered (as optax's ``_common_test.py``).
+
+For every name of ``fpbma.methods.names()``:
+
+* on the transfer scheme of a tiny network (``tests/method_utils.py``): build with the defaults, jit'd
+  steps, ``finalize``, BMA draws; a run killed after 2 of 4 steps and resumed from an orbax checkpoint
+  ends bit-identical to the uninterrupted one; a step whose gradient is NaN leaves the weights, the
+  samples and their count exactly as they were;
+* on a user's own loss (multinomial logistic regression on three separated blobs, ℓ(w₀) = log 3): the
+  method's draws fit the training data better than the start.
+
+A toy method registered in this file alone trains through ``experiments.train`` on the tiny config.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fpbma import methods, transfer, types
+from fpbma.methods._adapters import point
+from fpbma.models.checkpoints import restore_checkpoint, save_checkpoint
+from tests.method_utils import logistic_problem, tiny_transfer_problem
+
+STEPS = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _transfer_run(name):
+    """The method on the tiny scheme: ``(trainer, jitted step, batch, problem pieces)`` (compiled once)."""
+    model, stats, scheme, apply_fn, features, x, y = tiny_transfer_problem()
+    trainer = transfer.make_trainer(name, scheme, apply_fn, num_data=24, num_steps=STEPS, learning_rate=0.01,
+                                    features_fn=features, train_data=(x, y))
+    return trainer, jax.jit(trainer.step), {"image": x, "label": y}, (model, stats, scheme, x)
+
+
+def _key(t):
+    return jax.random.fold_in(jax.random.PRNGKey(5), t)
+
+
+def _run(step, state, batch, start, stop):
+    for t in range(start, stop):
+        state = step(state, batch, _key(t))
+    return state
+
+
+def _equal(a, b):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_on_the_transfer_scheme(name, tmp_path):
+    """Build, steps, finalize, draws; kill-and-resume; a NaN gradient skipped (one compilation per method)."""
+    _check_builds_steps_finalizes_and_draws(name)
+    _check_kill_and_resume(name, tmp_path)
+    _check_non_finite_gradient_is_skipped(name)
+
+
+def _check_builds_steps_finalizes_and_draws(name):
+    trainer, step, batch, (model, stats, scheme, x) = _transfer_run(name)
+    init = trainer.init()
+    state = _run(step, init, batch, 0, STEPS)
+    assert int(state.step) == STEPS
+    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(init.params),
+                                                               jax.tree_util.tree_leaves(state.params)))
+    assert moved > 0
+    result = trainer.finalize(state)
+    # BMA draws: the network's leaves and shapes, finite logits; frozen weights differ between draws.
+    sampler = transfer.sample_weights(scheme, result, {"batch_stats": stats})
+    v1, v2 = sampler(jax.random.PRNGKey(0)), sampler(jax.random.PRNGKey(1))
+    logits = model.apply(v1, x)
+    assert logits.shape == (24, 3) and bool(jnp.all(jnp.isfinite(logits)))
+    assert not np.allclose(v1["params"]["conv1"]["kernel"], v2["params"]["conv1"]["kernel"])
+    # draw(result, key, n) stacks n subset trees shaped like the start; a point mass is the trained point.
+    subset = transfer.init_point(scheme)
+    n = types.num_samples(result) if isinstance(result, types.SampleSet) else 3
+    w = types.draw(result, jax.random.PRNGKey(2), n)
+    for a, b in zip(jax.tree_util.tree_leaves(w), jax.tree_util.tree_leaves(subset), strict=True):
+        assert a.shape == (n,) + b.shape and np.all(np.isfinite(np.asarray(a)))
+    if isinstance(result, types.SampleSet) and n == 1:
+        _equal(jax.tree.map(lambda a: a[0], w), state.params)
+
+
+def _check_kill_and_resume(name, tmp_path):
+    trainer, step, batch, _ = _transfer_run(name)
+    straight = _run(step, trainer.init(), batch, 0, STEPS)
+    half = _run(step, trainer.init(), batch, 0, STEPS // 2)
+    save_checkpoint(tmp_path / "ckpt", half, overwrite=True)
+    resumed = _run(step, restore_checkpoint(tmp_path / "ckpt", like=trainer.init()), batch, STEPS // 2, STEPS)
+    _equal(straight, resumed)
+    _equal(trainer.finalize(straight), trainer.finalize(resumed))
+
+
+def _check_non_finite_gradient_is_skipped(name):
+    trainer, step, batch, _ = _transfer_run(name)
+    state = _run(step, trainer.init(), batch, 0, STEPS - 1)  # the last step closes an SGLD cycle
+    bad = {**batch, "image": batch["image"].at[0].set(jnp.nan)}
+    skipped = step(state, bad, _key(STEPS - 1))
+    assert int(skipped.step) == int(state.step) + 1
+    _equal(skipped.params, state.params)
+    _equal((skipped.samples, skipped.num_collected), (state.samples, state.num_collected))
+    # The next finite step trains again.
+    after = step(skipped, batch, _key(STEPS))
+    assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree_util.tree_leaves(after.params))
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_fits_a_users_own_loss(name):
+    problem, batch = logistic_problem()
+    trainer = methods.get(name).trainer(problem, learning_rate=0.1, num_steps=40, kl_weight=1.0)
+    step = jax.jit(trainer.step)
+    state = _run(step, trainer.init(), batch, 0, 40)
+    result = trainer.finalize(state)
+    n = types.num_samples(result) if isinstance(result, types.SampleSet) else 8
+    draws = types.draw(result, jax.random.PRNGKey(0), n)
+    losses = [float(problem.loss(jax.tree.map(lambda a: a[i], draws), batch, None)) for i in range(n)]
+    assert np.mean(losses) < 0.8 * math.log(3), losses
+
+
+def test_unknown_names_fail_with_one_line_naming_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown method 'adam'; choose one of \['fpbma', 'sgd'"):
+        methods.get("adam")
+    with pytest.raises(ValueError, match=r"method 'sam' has no hyperparameter\(s\) \['temperature'\]; its "
+                                         r"hyperparameters are \['momentum', 'nesterov', 'rho', 'weight_decay'\]"):
+        methods.get("sam").hyperparameters({"temperature": 1.0})
+    with pytest.raises(ValueError, match="registered already"):
+        methods.register(methods.get("sgd"))
+    with pytest.raises(ValueError, match="must be a bool, int, float or str"):
+        methods.Method("bad", defaults={"grid": (1, 2)}, build=None)
+    # Values are checked by the constructors when the trainer is built, before any step.
+    with pytest.raises(ValueError, match="rho=-1.0"):
+        methods.get("sam").check({"rho": -1.0})
+    with pytest.raises(ValueError, match="n_cycle=4 exceeds num_steps=3"):
+        methods.get("sgld").check(num_steps=3)
+
+
+# A method and a result type that exist here and nowhere else: gradient descent with the step η · shrink,
+# whose result is an isotropic Gaussian N(w, scale² I) around the trained weights.
+class _Jitter(NamedTuple):
+    point: dict
+    scale: jax.Array
+
+    def sample(self, key, n=None):
+        leaves, treedef = jax.tree.flatten(self.point)
+        keys = jax.random.split(key, len(leaves))
+        shape = () if n is None else (int(n),)
+        return jax.tree.unflatten(treedef, [x + self.scale * jax.random.normal(k, shape + x.shape)
+                                            for k, x in zip(keys, leaves)])
+
+
+TOY = methods.Method(
+    "toy", defaults={"shrink": 0.5, "scale": 0.1}, summary="test-only gradient descent with step lr * shrink",
+    build=lambda problem, hp, run: point(problem, optax.sgd(run.learning_rate * hp["shrink"]),
+                                         lambda s: _Jitter(s.params, jnp.float32(hp["scale"]))))
+
+
+@pytest.fixture
+def toy_method():
+    methods.register(TOY)
+    try:
+        yield TOY
+    finally:
+        methods.unregister("toy")
+
+
+def test_a_method_registered_in_a_test_file_trains_and_evaluates_through_the_experiments(toy_method, tmp_path,
+                                                                                         capsys):
+    from experiments import common
+    from tests.experiment_utils import tiny_config
+
+    # The config derives config.hparams.toy from the registry; shrink = 0 keeps the start exactly.
+    config = tiny_config(tmp_path / "wd", method="toy", **{"hparams.toy.shrink": 0.0})
+    assert config.hparams.toy.to_dict() == {"shrink": 0.0, "scale": 0.1, "learning_rate": None, "steps": None}
+    assert tiny_config(tmp_path / "other").hparams.toy.shrink == 0.5
+    common.pretrain(config)
+    common.fit_prior(config)
+    common.run_cli("train", config)
+    assert capsys.readouterr().out.strip().endswith(f"toy: {config.transfer.steps} steps")
+    common.run_cli("evaluate", config)  # BMA over the new result type: transfer.sample_subset → _Jitter.sample
+    metrics = json.loads(capsys.readouterr().out)["in_domain"]["raw"]
+    seed = int(config.seed)
+    setup = common.setup_transfer(config, seed)
+    posterior, state, finished = common.train_method(config, "toy", seed, setup)
+    assert finished and int(state.step) == config.transfer.steps
+    _equal(state.params, transfer.init_point(setup[3]))
+    assert isinstance(posterior, _Jitter) and float(posterior.scale) == pytest.approx(0.1)
+    lp = np.load(os.path.join(common.method_dir(config, "toy", seed), "test_log_probs.npy"))
+    labels = setup[0]["test_label"]
+    assert metrics["acc"] == pytest.approx(float(np.mean(np.argmax(lp, -1) == labels)))
+    # draw() stacks n draws of the new type: mean ≈ the point, spread ≈ scale.
+    w = types.draw(posterior, jax.random.PRNGKey(0), 2000)["head"]["kernel"]
+    np.testing.assert_allclose(np.std(np.asarray(w), 0), 0.1, rtol=0.1)
+    with pytest.raises(common.ConfigError, match=r"config.hparams.toy: method 'toy' has no hyperparameter\(s\) "
+                                                 r"\['rate'\]; its hyperparameters are \['scale', 'shrink'\]"):
+        common.validate(tiny_config(tmp_path / "wd", method="toy", **{"hparams.toy.rate": 1.0}), "train")
+
+
+def test_every_baseline_constructor_is_a_registered_method():
+    from fpbma import baselines
+
+    assert set(baselines.METHODS) <= set(methods.names())

@@ -1,7 +1,8 @@
 """FP-BMA: a posterior q_θ trained by the sharpness-aware objective min_θ max_{KL(q_{θ+Δ} ‖ q_θ) ≤ γ} L(θ + Δ).
 
-L(θ) = E_{q_θ}[ℓ(w)] + β KL(q_θ ‖ p)/N, optimised by :func:`fpbma.fpbma` (Δ* = ρ F⁻¹g/√(gᵀF⁻¹g) with the
-posterior's Fisher F, ρ = √(2γ) in nats^½) from the problem's initial posterior.
+L(θ) = E_{q_θ}[ℓ(w)] + β KL(q_θ ‖ p)/N, optimised by :func:`fpbma.fpbma` (Δ* = τ F⁻¹g with the posterior's Fisher F and
+τ such that KL(q_{θ+Δ*} ‖ q_θ) = ρ²/2, ρ = √(2γ) in nats^½; ``radius="second_order"`` takes the paper's
+τ = ρ/√(gᵀF⁻¹g)) from the problem's initial posterior.
 
 >>> from fpbma import methods
 >>> methods.get("fpbma").defaults["rho"]
@@ -27,6 +28,6 @@ def _build(problem, hp, run):
 FPBMA = register(Method(
     "fpbma",
     defaults=dict(rho=0.05, momentum=0.9, damping=1e-3, covariance_lr_scale=0.1, weight_decay=0.0,
-                  natural_gradient=False, nesterov=False),
+                  natural_gradient=False, nesterov=False, radius="exact_kl", radius_steps=4),
     build=_build, shared=("learning_rate", "steps", "kl_weight"),
     summary="FP-BMA: the posterior trained in a KL ball of radius rho (nats^1/2) around it"))

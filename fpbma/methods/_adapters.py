@@ -63,7 +63,9 @@ def variational(problem: Problem, q0, kl_fn: Callable, tx: optax.GradientTransfo
                 kl_weight: float) -> Trainer:
     """q trained on E_q[ℓ(w)] + β KL(q ‖ p)/N; ``finalize`` returns q.
 
-    The step key splits into the reparameterisation noise ε and the key of ℓ (the same in every gradient
+    ``tx.update(∇L(q), state, q, grad_fn=∇L, noise=ε)``: transforms that perturb along the sample
+    (FP-BMA's released perturbation) read ``noise``; the others ignore it. The step key splits into the
+    reparameterisation noise ε and the key of ℓ (the same in every gradient
     of the step, so sharpness-aware passes differ only by their perturbation).
     """
     n = int(problem.num_data)
@@ -79,7 +81,7 @@ def variational(problem: Problem, q0, kl_fn: Callable, tx: optax.GradientTransfo
             return expected + kl_weight * kl_fn(q_) / n
 
         grad_fn = jax.grad(loss)
-        updates, opt_state = tx.update(grad_fn(q), state.opt_state, q, grad_fn=grad_fn)
+        updates, opt_state = tx.update(grad_fn(q), state.opt_state, q, grad_fn=grad_fn, noise=noise)
         return optax.apply_updates(q, updates), opt_state, state.samples, state.num_collected
 
     return trainer(q0, tx, update, lambda s: s.params)

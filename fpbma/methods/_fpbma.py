@@ -14,7 +14,7 @@ Reference: Lim et al., "Flat Posterior Does Matter For Bayesian Model Averaging"
 from __future__ import annotations
 
 from fpbma import transforms
-from fpbma.methods import Method, register
+from fpbma.methods import VARIATIONAL, Method, register
 from fpbma.methods._adapters import variational, zero_kl
 
 
@@ -29,5 +29,5 @@ FPBMA = register(Method(
     "fpbma",
     defaults=dict(rho=0.05, momentum=0.9, damping=1e-3, covariance_lr_scale=0.1, weight_decay=0.0,
                   natural_gradient=False, nesterov=False, radius="exact_kl", radius_steps=4),
-    build=_build, shared=("learning_rate", "steps", "kl_weight"),
+    build=_build, shared=VARIATIONAL,
     summary="FP-BMA: the posterior trained in a KL ball of radius rho (nats^1/2) around it"))

@@ -10,11 +10,11 @@ Reference: Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
 from __future__ import annotations
 
 from fpbma.baselines._sam import sam
-from fpbma.methods import Method, register
+from fpbma.methods import SCHEDULED, Method, register
 from fpbma.methods._adapters import point
 from fpbma.types import point_mass
 
 SAM = register(Method(
     "sam", defaults=dict(rho=0.05, momentum=0.9, weight_decay=0.0, nesterov=False),
     build=lambda problem, hp, run: point(problem, sam(run.learning_rate, **hp), lambda s: point_mass(s.params)),
-    summary="SAM (Euclidean ball of radius rho)"))
+    shared=SCHEDULED, summary="SAM (Euclidean ball of radius rho)"))

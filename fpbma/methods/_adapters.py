@@ -25,7 +25,7 @@ from fpbma import posterior as post
 from fpbma.baselines._sgld import is_cycle_end
 from fpbma.types import Problem, SampleSet, Trainer, TrainState
 
-__all__ = ["trainer", "variational", "point", "langevin", "post_hoc", "zero_kl"]
+__all__ = ["trainer", "variational", "on_initial_posterior", "point", "langevin", "post_hoc", "zero_kl"]
 
 
 def zero_kl(q) -> jax.Array:
@@ -85,6 +85,13 @@ def variational(problem: Problem, q0, kl_fn: Callable, tx: optax.GradientTransfo
         return optax.apply_updates(q, updates), opt_state, state.samples, state.num_collected
 
     return trainer(q0, tx, update, lambda s: s.params)
+
+
+def on_initial_posterior(name: str, problem: Problem, tx: optax.GradientTransformation, kl_weight: float) -> Trainer:
+    """:func:`variational` from the problem's own initial posterior and KL term (FP-BMA and its ablations)."""
+    if problem.init_posterior is None:
+        raise ValueError(f"method {name!r} trains a posterior: the problem needs init_posterior (a LowRankGaussian).")
+    return variational(problem, problem.init_posterior, problem.kl or zero_kl, tx, kl_weight)
 
 
 def point(problem: Problem, tx: optax.GradientTransformation, finalize: Callable) -> Trainer:

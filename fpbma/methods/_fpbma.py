@@ -15,14 +15,11 @@ from __future__ import annotations
 
 from fpbma import transforms
 from fpbma.methods import VARIATIONAL, Method, register
-from fpbma.methods._adapters import variational, zero_kl
+from fpbma.methods._adapters import on_initial_posterior
 
 
 def _build(problem, hp, run):
-    if problem.init_posterior is None:
-        raise ValueError("method 'fpbma' trains a posterior: the problem needs init_posterior (a LowRankGaussian).")
-    tx = transforms.fpbma(run.learning_rate, **hp)
-    return variational(problem, problem.init_posterior, problem.kl or zero_kl, tx, run.kl_weight)
+    return on_initial_posterior("fpbma", problem, transforms.fpbma(run.learning_rate, **hp), run.kl_weight)
 
 
 FPBMA = register(Method(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from fpbma import transforms
 from fpbma.methods import Method, register
-from fpbma.methods._adapters import variational, zero_kl
+from fpbma.methods._adapters import on_initial_posterior
 from fpbma.methods._fpbma import FPBMA
 
 # The released perturbation has no KL ball; damping only enters the optional natural-gradient step.
@@ -27,11 +27,8 @@ _FISHER_FIELDS = ("radius", "radius_steps")
 
 
 def _build(problem, hp, run):
-    if problem.init_posterior is None:
-        raise ValueError("method 'fpbma_released' trains a posterior: the problem needs init_posterior "
-                         "(a LowRankGaussian).")
     tx = transforms.fpbma(run.learning_rate, perturbation="released", **hp)
-    return variational(problem, problem.init_posterior, problem.kl or zero_kl, tx, run.kl_weight)
+    return on_initial_posterior("fpbma_released", problem, tx, run.kl_weight)
 
 
 FPBMA_RELEASED = register(Method(

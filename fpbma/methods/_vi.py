@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from fpbma import transforms
 from fpbma.methods import Method, register
-from fpbma.methods._adapters import variational, zero_kl
+from fpbma.methods._adapters import on_initial_posterior
 from fpbma.methods._fpbma import FPBMA
 
 # FP-BMA's training fields without those of the perturbation.
@@ -25,10 +25,7 @@ _PERTURBATION_FIELDS = ("rho", "radius", "radius_steps")
 
 
 def _build(problem, hp, run):
-    if problem.init_posterior is None:
-        raise ValueError("method 'vi' trains a posterior: the problem needs init_posterior (a LowRankGaussian).")
-    tx = transforms.vi(run.learning_rate, **hp)
-    return variational(problem, problem.init_posterior, problem.kl or zero_kl, tx, run.kl_weight)
+    return on_initial_posterior("vi", problem, transforms.vi(run.learning_rate, **hp), run.kl_weight)
 
 
 VI = register(Method(

@@ -240,6 +240,9 @@ def test_learning_rate_schedule_is_linear_warm_up_then_cosine():
         assert float(sched(t)) == pytest.approx(expected, abs=1e-7), t
     constant = methods.learning_rate_schedule(peak, k, "constant", w)
     assert [float(constant(t)) for t in (0, 1, 3, 11)] == pytest.approx([0.0, peak / 3, peak, peak])
+    no_warmup = methods.learning_rate_schedule(peak, k, "cosine", 0)
+    assert [float(no_warmup(t)) for t in (0, k)] == pytest.approx([peak, 0.0])
+    assert float(methods.learning_rate_schedule(peak, k, "constant", k)(k)) == pytest.approx(peak)
     # The default is the float itself: today's optimizers, bit for bit.
     assert methods.learning_rate_schedule(peak, k) is peak
 
@@ -281,7 +284,9 @@ def test_every_scheduled_method_follows_the_warm_up(name):
     (dict(schedule="linear"),
      r"schedule='linear' is not a learning-rate schedule; use one of \('constant', 'cosine'\)"),
     (dict(warmup_steps=-1), r"warmup_steps=-1 must be an integer >= 0"),
-    (dict(warmup_steps=11), r"warmup_steps=11 exceeds steps=10"),
+    (dict(warmup_steps=11), r"warmup_steps=11 exceeds steps=10: the warm-up would never end"),
+    (dict(schedule="cosine", warmup_steps=10), r"warmup_steps=10 leaves no step for the cosine decay \(steps=10\)"),
+    (dict(warmup_steps=1.5), r"warmup_steps=1.5 must be an integer >= 0"),
 ])
 def test_bad_schedules_fail_with_one_line(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -292,3 +297,47 @@ def test_a_method_with_its_own_step_size_refuses_a_schedule():
     assert "schedule" not in methods.get("sgld").shared
     with pytest.raises(ValueError, match=r"method 'sgld' takes no learning-rate schedule"):
         methods.get("sgld").check(num_steps=10, schedule="cosine")
+
+
+# ------------------------------------------------------------------------------------------------
+# Search spaces: stated beside the defaults, checked here.
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_every_method_states_a_search_space_of_its_own_names_that_holds_its_defaults(name):
+    m = methods.get(name)
+    assert m.search_space.get("learning_rate") == ("log_uniform", 1e-3, 1e-1)
+    for key, spec in m.search_space.items():
+        assert key in m.defaults or key in m.shared, key
+        if key not in m.defaults:
+            continue  # a shared field's default is the run's (config.transfer)
+        default = m.defaults[key]
+        if spec[0] == "choice":
+            assert default in spec[1], (key, default, spec)
+        else:
+            assert spec[1] <= default <= spec[2], (key, default, spec)
+    # Every value the space can produce at its ends builds a trainer (the constructors accept it).
+    ends = {k: (s[1][-1] if s[0] == "choice" else s[2]) for k, s in m.search_space.items() if k in m.defaults}
+    for rate in m.search_space["learning_rate"][1:]:
+        m.check(ends, learning_rate=rate, num_steps=100, num_data=100)
+
+
+def test_the_paper_radii_are_searched_on_their_own_scales():
+    space = {n: methods.get(n).search_space for n in methods.names()}
+    assert space["fpbma"]["rho"] == space["fpbma_released"]["rho"] == ("log_uniform", 0.01, 10.0)
+    assert space["sam"]["rho"] == space["fswag"]["rho"] == ("log_uniform", 0.01, 0.5)
+    assert space["sgld"]["temperature"] == space["emcmc"]["temperature"] == ("log_uniform", 1e-3, 1.0)
+    assert "rho" not in space["vi"] and space["vi"]["learning_rate"] == space["fpbma"]["learning_rate"]
+
+
+@pytest.mark.parametrize("space,match", [
+    ({"rate": ("log_uniform", 0.1, 1.0)}, r"search_space\['rate'\].* names no hyperparameter or shared field; "
+                                          r"choose from \['learning_rate', 'shrink', 'steps'\]"),
+    ({"shrink": ("log_uniform", 0.0, 1.0)}, r"must be \('log_uniform', low, high\) with finite 0 < low < high"),
+    ({"shrink": ("uniform", 1.0, 0.5)}, r"must be \('uniform', low, high\) with finite low < high"),
+    ({"shrink": ("choice", ())}, r"must be \('choice', \(value, ...\)\)"),
+    ({"shrink": ("grid", 1, 2)}, r"must be a tuple starting with one of \('log_uniform', 'uniform', 'choice'\)"),
+])
+def test_a_bad_search_space_fails_when_the_method_is_made(space, match):
+    with pytest.raises(ValueError, match=match):
+        methods.Method("bad", defaults={"shrink": 0.5}, build=None, search_space=space)

@@ -42,7 +42,8 @@ from fpbma import posterior as post
 from fpbma.types import HEAD, LossFn, Problem, Trainer
 
 __all__ = ["Method", "TrainingSettings", "SHARED_FIELDS", "SCHEDULED", "VARIATIONAL", "SCHEDULES",
-           "learning_rate_schedule", "register", "unregister", "get", "names", "plain_problem"]
+           "learning_rate_schedule", "SEARCH_KINDS", "SEARCH_LEARNING_RATE", "SEARCH_WEIGHT_DECAY", "register",
+           "unregister", "get", "names", "plain_problem"]
 
 SHARED_FIELDS = ("learning_rate", "steps", "kl_weight", "schedule", "warmup_steps")
 """Training fields every run sets once (``config.transfer.<field>``) and a method may override."""
@@ -81,6 +82,9 @@ def learning_rate_schedule(learning_rate, num_steps: int, schedule: str = "const
     if warmup_steps > num_steps:
         raise ValueError(f"warmup_steps={warmup_steps} exceeds steps={num_steps}: the warm-up would never end; "
                          f"use warmup_steps <= {num_steps}.")
+    if schedule == "cosine" and warmup_steps == num_steps:
+        raise ValueError(f"warmup_steps={warmup_steps} leaves no step for the cosine decay (steps={num_steps}); "
+                         f"use warmup_steps < {num_steps}.")
     if callable(learning_rate):
         raise TypeError("learning_rate must be a number here: the schedule is chosen by schedule= and warmup_steps=.")
     if schedule == "cosine":
@@ -89,6 +93,39 @@ def learning_rate_schedule(learning_rate, num_steps: int, schedule: str = "const
         return learning_rate
     return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, int(warmup_steps)),
                                  optax.constant_schedule(learning_rate)], [int(warmup_steps)])
+
+
+SEARCH_KINDS = ("log_uniform", "uniform", "choice")
+"""The forms of a search-space entry: ``("log_uniform", low, high)`` (0 < low < high, sampled uniformly in
+log), ``("uniform", low, high)`` (low < high) and ``("choice", (value, ...))``."""
+
+SEARCH_LEARNING_RATE = ("log_uniform", 1e-3, 1e-1)
+"""Every method's learning-rate range (the paper's protocol grids η over 1e-1 … 1e-3)."""
+
+SEARCH_WEIGHT_DECAY = ("choice", (0.0, 1e-4, 5e-4))
+"""The weight decays searched for methods whose optimizer has one (0 is the default)."""
+
+
+def _check_search_space(method) -> None:
+    valid = set(method.defaults) | set(method.shared)
+    for key, spec in method.search_space.items():
+        where = f"method {method.name!r}: search_space[{key!r}]={spec!r}"
+        if key not in valid:
+            raise ValueError(f"{where} names no hyperparameter or shared field; choose from {sorted(valid)}.")
+        kind = spec[0] if isinstance(spec, tuple) and spec else None
+        if kind not in SEARCH_KINDS:
+            raise ValueError(f"{where} must be a tuple starting with one of {SEARCH_KINDS}.")
+        if kind == "choice":
+            ok = len(spec) == 2 and isinstance(spec[1], tuple) and len(spec[1]) > 0 and all(
+                isinstance(v, (bool, int, float, str)) for v in spec[1])
+            if not ok:
+                raise ValueError(f"{where} must be ('choice', (value, ...)) with at least one bool/int/float/str.")
+            continue
+        ok = len(spec) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                    for v in spec[1:]) and spec[1] < spec[2]
+        if not ok or (kind == "log_uniform" and spec[1] <= 0):
+            bound = "0 < low < high" if kind == "log_uniform" else "low < high"
+            raise ValueError(f"{where} must be ({kind!r}, low, high) with finite {bound}.")
 
 
 class TrainingSettings(NamedTuple):
@@ -115,6 +152,9 @@ class Method:
       shared: the :data:`SHARED_FIELDS` the method uses (``kl_weight`` only for variational methods;
         ``schedule`` and ``warmup_steps`` only for methods whose optimizer takes an optax schedule, which
         then gets ``settings.learning_rate`` = :func:`learning_rate_schedule`; see :data:`SCHEDULED`).
+      search_space: the ranges a tuner searches on a validation split, by hyperparameter or shared field
+        name, each one of the :data:`SEARCH_KINDS` forms (e.g. ``{"learning_rate": ("log_uniform", 1e-3,
+        1e-1), "rho": ("log_uniform", 0.01, 10.0)}``). The library does not tune; it only states the space.
     """
 
     name: str
@@ -122,6 +162,7 @@ class Method:
     build: Callable[[Problem, dict, TrainingSettings], Trainer]
     summary: str = ""
     shared: tuple = ("learning_rate", "steps")
+    search_space: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not self.name.isidentifier():
@@ -135,6 +176,7 @@ class Method:
         unknown = [s for s in self.shared if s not in SHARED_FIELDS]
         if unknown:
             raise ValueError(f"method {self.name!r}: unknown shared field(s) {unknown}; choose from {SHARED_FIELDS}.")
+        _check_search_space(self)
 
     def hyperparameters(self, overrides: Optional[Mapping[str, Any]] = None) -> dict:
         """The defaults updated by ``overrides``; an unknown name raises one line naming the valid ones."""

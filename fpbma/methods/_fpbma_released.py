@@ -34,4 +34,5 @@ def _build(problem, hp, run):
 FPBMA_RELEASED = register(Method(
     "fpbma_released", defaults={k: v for k, v in FPBMA.defaults.items() if k not in _FISHER_FIELDS},
     build=_build, shared=FPBMA.shared,
+    search_space=FPBMA.search_space,
     summary="FP-BMA with the released code's perturbation (score of q, each block normalised to rho)"))

@@ -31,4 +31,5 @@ def _build(problem, hp, run):
 VI = register(Method(
     "vi", defaults={k: v for k, v in FPBMA.defaults.items() if k not in _PERTURBATION_FIELDS},
     build=_build, shared=FPBMA.shared,
+    search_space={k: v for k, v in FPBMA.search_space.items() if k not in _PERTURBATION_FIELDS},
     summary="VI: FP-BMA's posterior and loss without the perturbation (rho = 0, one gradient pass)"))

@@ -148,8 +148,7 @@ def validate(config, stage: str) -> None:
         # Every value check of each method's constructors, run now on a probe problem (N = k per class).
         for m, (hp, shared) in settings.items():
             try:
-                methods.get(m).check(hp, learning_rate=shared["learning_rate"], num_steps=shared["steps"],
-                                     kl_weight=shared.get("kl_weight", 1.0), num_data=k * counts.size)
+                methods.get(m).check(hp, num_data=k * counts.size, **_training_kwargs(shared))
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"config.hparams.{m}: {e}") from None
     if stage in ("prior",) and not os.path.isdir(os.path.join(stage_dir(config, "source"), "final")):
@@ -275,13 +274,13 @@ def stage_dir(config, stage: str) -> str:
 
 def method_settings(config, method: str) -> tuple:
     """``(hyperparameters, shared)`` of ``method``: its defaults updated by ``config.hparams.<method>``, and
-    its shared training fields (``learning_rate``, ``steps``, ``kl_weight``), each ``config.transfer``'s
-    unless ``config.hparams.<method>.<field>`` is set. An unknown name raises one ConfigError naming the
-    valid ones.
+    its shared training fields (``learning_rate``, ``steps``, ``kl_weight``, ``schedule``, ``warmup_steps``:
+    those of ``Method.shared``), each ``config.transfer``'s unless ``config.hparams.<method>.<field>`` is
+    set. An unknown name or a bad schedule raises one ConfigError naming the valid values.
 
     >>> from experiments.configs import tiny
     >>> method_settings(tiny.get_config(), "sam")[1]
-    {'learning_rate': 0.01, 'steps': 6}
+    {'learning_rate': 0.01, 'steps': 6, 'schedule': 'constant', 'warmup_steps': 0}
     """
     m = methods.get(method)
     section = (config.get("hparams", None) or {}).get(method, None) or {}
@@ -298,6 +297,12 @@ def method_settings(config, method: str) -> tuple:
     shared = {f: section[f] if section.get(f) is not None else config.transfer[f] for f in m.shared}
     if "steps" in shared:
         _check_positive_int(shared["steps"], f"hparams.{method}.steps")
+    if "schedule" in shared:
+        try:
+            methods.learning_rate_schedule(float(shared["learning_rate"]), int(shared["steps"]),
+                                           shared["schedule"], shared["warmup_steps"])
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"config.hparams.{method} (or config.transfer): {e}") from None
     return hp, shared
 
 
@@ -306,9 +311,23 @@ def method_hash(config, method: str) -> str:
     target data and the method's resolved hyperparameters (never a path)."""
     hp, shared = method_settings(config, method)
     transfer_fields = {k: v for k, v in config.transfer.to_dict().items() if k not in methods.SHARED_FIELDS}
+    # A constant rate without warm-up is what every run did before schedules existed: it keeps those digests.
+    shared = {k: v for k, v in shared.items() if (k, v) not in _NEUTRAL_SHARED}
     return _digest({"prior": _stage_digest(config, "prior"), "transfer": transfer_fields,
                     "target": config.data.target, "k": config.data.k_shot, "method": method,
                     "hparams": {**hp, **shared}})
+
+
+_NEUTRAL_SHARED = (("schedule", "constant"), ("warmup_steps", 0))
+
+
+def _training_kwargs(shared) -> dict:
+    """The shared fields of :func:`method_settings` as keyword arguments of ``Method.trainer`` / ``check``."""
+    kwargs = dict(learning_rate=float(shared["learning_rate"]), num_steps=int(shared["steps"]),
+                  kl_weight=float(shared.get("kl_weight", 1.0)))
+    if "schedule" in shared:
+        kwargs.update(schedule=str(shared["schedule"]), warmup_steps=int(shared["warmup_steps"]))
+    return kwargs
 
 
 def method_dir(config, method: str, seed: int) -> str:
@@ -747,10 +766,9 @@ def make_method_trainer(config, method, model, extra, scheme, data):
     hp, shared = method_settings(config, method)
     return transfer.make_trainer(
         method, scheme, lambda p, im: apply({**extra, "params": p}, im), num_data=x.shape[0],
-        num_steps=int(shared["steps"]), learning_rate=float(shared["learning_rate"]),
-        kl_weight=float(shared.get("kl_weight", 1.0)), sample_frozen_weights=bool(config.transfer.sample_frozen),
+        sample_frozen_weights=bool(config.transfer.sample_frozen),
         features_fn=lambda p, im: transfer.head_features(model, {**extra, "params": p}, im),
-        train_data=(x, y), hyperparameters=hp)
+        train_data=(x, y), hyperparameters=hp, **_training_kwargs(shared))
 
 
 def train_method(config, method: str, seed: int, setup=None):

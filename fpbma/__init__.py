@@ -28,9 +28,12 @@ from fpbma.transforms import (
     fpbma,
     negative_elbo,
     perturb_along_metric,
+    perturb_along_score,
     perturb_in_kl_ball,
+    released_perturbation,
     scale_by_inverse_fisher,
     skip_non_finite,
+    vi,
 )
 
 __version__ = "0.1.0"

@@ -344,7 +344,8 @@ def make_problem(scheme: TransferScheme, apply_fn: Callable[[dict, jax.Array], j
 def make_trainer(method: str, scheme: TransferScheme, apply_fn: Callable[[dict, jax.Array], jax.Array], *,
                  num_data: int, num_steps: int, learning_rate: float, kl_weight: float = 1.0,
                  sample_frozen_weights: bool = True, features_fn: Optional[Callable] = None,
-                 train_data: Optional[tuple] = None, hyperparameters: Optional[dict] = None) -> Trainer:
+                 train_data: Optional[tuple] = None, hyperparameters: Optional[dict] = None,
+                 schedule: str = "constant", warmup_steps: int = 0) -> Trainer:
     """A :class:`fpbma.types.Trainer` for a registered method (:func:`fpbma.methods.names`) on the scheme.
 
     ``fpbma.methods.get(method).trainer(make_problem(...), ...)``: the method owns its objective and
@@ -362,6 +363,8 @@ def make_trainer(method: str, scheme: TransferScheme, apply_fn: Callable[[dict, 
       features_fn: ``(params, images) -> head inputs``, required by ``laplace``.
       train_data: ``(images, labels)`` of the whole training set, required by ``laplace``.
       hyperparameters: method-specific values overriding the defaults (e.g. ``{"rho": 0.1}``).
+      schedule, warmup_steps: the learning-rate schedule (``"constant"`` or ``"cosine"``, after a linear
+        warm-up of ``warmup_steps``), for methods that take one (:func:`fpbma.methods.learning_rate_schedule`).
 
     Returns:
       A :class:`fpbma.types.Trainer`.
@@ -376,7 +379,7 @@ def make_trainer(method: str, scheme: TransferScheme, apply_fn: Callable[[dict, 
     problem = make_problem(scheme, apply_fn, num_data=num_data, sample_frozen_weights=sample_frozen_weights,
                            features_fn=features_fn, train_data=train_data)
     return m.trainer(problem, learning_rate=learning_rate, num_steps=num_steps, kl_weight=kl_weight,
-                     **dict(hyperparameters or {}))
+                     schedule=schedule, warmup_steps=warmup_steps, **dict(hyperparameters or {}))
 
 
 def head_features(model: nn.Module, variables: dict, images: jax.Array) -> jax.Array:

@@ -18,7 +18,10 @@ and θ is updated with ∇_θ L(θ + Δ*). The pieces here:
 * :func:`scale_by_inverse_fisher` — the natural-gradient preconditioner F_θ⁻¹.
 * :func:`skip_non_finite` — skips a step (θ and the inner state unchanged) when any gradient is
   non-finite, counting skips.
-* :func:`fpbma` — the chain of all of them with optax's weight decay, momentum and learning rate.
+* :func:`released_perturbation` — the perturbation of the authors' released code (the normalised
+  score of q per parameter block), an option of :func:`fpbma` for comparison, never the default.
+* :func:`fpbma` — the chain of all of them with optax's weight decay, momentum and learning rate;
+  :func:`vi` — the same chain without the perturbation (plain VI, one gradient pass per step).
 
 The perturbed pass runs inside ``update`` through a user-supplied ``grad_fn`` (optax.contrib.sam's
 opaque mode), so side effects of the perturbed pass never reach the model state. Both passes should
@@ -46,11 +49,15 @@ __all__ = [
     "fisher_perturbation",
     "perturb_along_metric",
     "perturb_in_kl_ball",
+    "perturb_along_score",
     "RADIUS_RULES",
     "scale_by_inverse_fisher",
     "skip_non_finite",
     "SkipNonFiniteState",
     "fpbma",
+    "vi",
+    "PERTURBATIONS",
+    "released_perturbation",
     "negative_elbo",
 ]
 
@@ -296,13 +303,16 @@ def perturb_along_metric(
       inverse_metric_vp: ``(params, g) -> M⁻¹ g``.
       batch_axis_name: pmap axis to average gradients over, or None.
     """
-    return _perturb_by(rho, lambda params, g: adversarial_perturbation(g, rho, inverse_metric_vp(params, g)),
+    return _perturb_by(rho, lambda params, g, _: adversarial_perturbation(g, rho, inverse_metric_vp(params, g)),
                        batch_axis_name)
 
 
-def _perturb_by(rho, perturbation: Callable[[PyTree, PyTree], PyTree],
+def _perturb_by(rho, perturbation: Callable[..., PyTree],
                 batch_axis_name: Optional[str]) -> optax.GradientTransformationExtraArgs:
-    """The opaque-mode transform: g ↦ grad_fn(θ + perturbation(θ, g)), g pmean-ed over the batch axis."""
+    """The opaque-mode transform: g ↦ grad_fn(θ + perturbation(θ, g, extra_args)), g pmean-ed over the batch axis.
+
+    ``perturbation(params, g, extra_args)`` gets the extra arguments of ``update`` but ``grad_fn`` (a dict).
+    """
     _check_number(rho, "rho", low=0.0)
 
     def init_fn(params):
@@ -310,7 +320,6 @@ def _perturb_by(rho, perturbation: Callable[[PyTree, PyTree], PyTree],
         return PerturbState()
 
     def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
-        del extra_args
         if params is None:
             raise ValueError("This transform needs the current parameters: call update(grads, state, params, grad_fn=...).")
         if grad_fn is None:
@@ -318,7 +327,7 @@ def _perturb_by(rho, perturbation: Callable[[PyTree, PyTree], PyTree],
                              "grad_fn=lambda params: <gradient of the loss at params> to update().")
         if batch_axis_name is not None:
             updates = jax.lax.pmean(updates, axis_name=batch_axis_name)
-        delta = perturbation(params, updates)
+        delta = perturbation(params, updates, extra_args)
         perturbed = jax.tree.map(jnp.add, params, delta)
         adv_grads = grad_fn(perturbed)
         if batch_axis_name is not None:
@@ -346,8 +355,80 @@ def perturb_in_kl_ball(rho: float, damping: float = 0.0, batch_axis_name: Option
     _check_radius_rule(radius, radius_steps)
     if radius == "second_order":
         return perturb_along_metric(rho, lambda q, g: post.inverse_fisher_vp(q, g, damping), batch_axis_name)
-    return _perturb_by(rho, lambda q, g: fisher_perturbation(q, g, rho, damping, radius, radius_steps),
+    return _perturb_by(rho, lambda q, g, _: fisher_perturbation(q, g, rho, damping, radius, radius_steps),
                        batch_axis_name)
+
+
+PERTURBATIONS = ("fisher", "released")
+
+
+def _check_perturbation(perturbation):
+    if perturbation not in PERTURBATIONS:
+        raise ValueError(f"perturbation={perturbation!r} is not a perturbation; use one of {PERTURBATIONS} ('fisher' "
+                         "is FP-BMA's F⁻¹g on the KL ball, 'released' the authors' code's normalised score).")
+
+
+def released_perturbation(q, w, rho) -> PyTree:
+    """The perturbation of the authors' released code: the score of q at a sample, normalised per block.
+
+    For each parameter block k of q (``mean``, ``log_std`` and, for a LowRankGaussian, ``cov_factor``)
+
+        s_k = ∇_{θ_k} log q_θ(w),    ε_k = ρ s_k / (‖s_k‖₂ + 10⁻¹²),
+
+    with w held fixed (the sampled weights of the step, not differentiated through the
+    reparameterisation). Each block is normalised on its own, so every block of ε has norm ρ (a
+    Euclidean radius per block, not a KL radius) and the loss gradient plays no part. It is not the
+    maximiser of FP-BMA's inner problem (:func:`fisher_perturbation`); it is here to compare with the
+    released code's behaviour.
+
+    The density is q's own, :func:`fpbma.log_prob` (Σ = ½(diag σ² + DDᵀ/(K−1)) for a
+    LowRankGaussian). The released code scores N(μ, diag(e^{log σ}) + DᵀD) instead (σ used as a
+    variance, no ½ and no 1/(K−1)); this function does not reproduce that.
+
+    Args:
+      q: a DiagGaussian or LowRankGaussian.
+      w: weights shaped like ``q.mean`` (e.g. ``fpbma.sample_from_noise(q, noise)`` with the step's noise).
+      rho: ρ ≥ 0, the norm of each block of the perturbation.
+
+    Returns:
+      ε, a tree shaped like q; a block whose score is 0 gets ε_k = 0.
+
+    >>> import fpbma, jax, jax.numpy as jnp
+    >>> q = fpbma.DiagGaussian({"w": jnp.zeros(3)}, {"w": jnp.zeros(3)})
+    >>> eps = fpbma.released_perturbation(q, {"w": jnp.array([1.0, 0.0, 0.0])}, 0.1)
+    >>> [round(float(x), 4) for x in eps.mean["w"]]  # s_μ = Σ⁻¹(w − μ) = (1, 0, 0)
+    [0.1, 0.0, 0.0]
+
+    References:
+      Lim et al., "Flat Posterior Does Matter For Bayesian Model Averaging", arXiv:2406.15664 (the
+      method), and its released code (this perturbation).
+    """
+    score = jax.grad(lambda q_: post.log_prob(q_, w))(q)
+
+    def normalised(block):
+        norm = jnp.sqrt(sum(jnp.vdot(x, x) for x in jax.tree_util.tree_leaves(block)))
+        return jax.tree.map(lambda x: (rho * x / (norm + 1e-12)).astype(x.dtype), block)
+
+    return type(q)(*[normalised(block) for block in score])
+
+
+def perturb_along_score(rho: float, batch_axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
+    """Gradient at θ + ε, ε = :func:`released_perturbation` (q, w, ρ) at the step's sample w.
+
+    ``update(g, state, q, *, grad_fn, noise)``: ``noise`` is the step's reparameterisation noise (the
+    one ``grad_fn`` samples with); w = ``fpbma.sample_from_noise(q, noise)``. ``g`` is not used by the
+    perturbation (only pmean-ed under ``batch_axis_name``, as in every perturbation here).
+    """
+
+    def perturbation(q, g, extra_args):
+        del g
+        noise = extra_args.get("noise")
+        if noise is None:
+            raise ValueError("perturbation='released' perturbs along the score at the step's sample: pass "
+                             "noise=<the step's reparameterisation noise, fpbma.sample_noise(q, key)> to update().")
+        return released_perturbation(q, post.sample_from_noise(q, noise), rho)
+
+    return _perturb_by(rho, perturbation, batch_axis_name)
 
 
 def scale_by_inverse_fisher(damping: float = 0.0) -> optax.GradientTransformation:
@@ -430,6 +511,7 @@ def fpbma(
     covariance_lr_scale: float = 1.0,
     radius: str = "exact_kl",
     radius_steps: int = 4,
+    perturbation: str = "fisher",
 ) -> optax.GradientTransformationExtraArgs:
     """The FP-BMA optimizer for a posterior's parameters θ.
 
@@ -442,14 +524,19 @@ def fpbma(
         m  ← momentum · m + g̃;   update = −η m   (−c·η m on log σ and D, c = covariance_lr_scale)
 
     and skips the step (zero update, unchanged state, ``num_skipped`` + 1) if either gradient is
-    non-finite. ρ = 0 gives plain (natural-gradient) VI.
+    non-finite. ρ = 0 gives plain (natural-gradient) VI, as :func:`vi` does with one gradient pass.
+
+    ``perturbation="released"`` replaces Δ* by the released code's ε = :func:`released_perturbation`
+    (the score ∇_θ log q_θ(w) at the step's sample w, normalised per block to norm ρ; the loss gradient
+    is not used, ``radius``, ``radius_steps`` and ``damping`` do not enter it); ``update`` then needs
+    ``noise=`` (the step's reparameterisation noise) as well as ``grad_fn``. For comparison only.
 
     Args:
       learning_rate: η, a float or an optax schedule.
       rho: KL-ball radius ρ = √(2γ) ≥ 0.
       momentum: heavy-ball momentum in [0, 1); 0 disables it.
       weight_decay: L2 coefficient added to the mean gradients (coupled, as in SGD), ≥ 0.
-      natural_gradient: precondition the outer update by F_θ⁻¹ (DESIGN §1, natural-gradient view).
+      natural_gradient: precondition the outer update by F_θ⁻¹ (natural-gradient VI).
       damping: λ ≥ 0 added to the covariance-block Fisher in both F⁻¹ products.
       nesterov: Nesterov momentum.
       batch_axis_name: pmap axis name; gradients are averaged over it.
@@ -461,9 +548,12 @@ def fpbma(
         whose true KL is ρ²/2; ``"second_order"`` is the paper's τ = ρ/√(gᵀF⁻¹g), which can leave the
         ball by orders of magnitude when deviation columns are zero or tiny (see :func:`fisher_perturbation`).
       radius_steps: KL evaluations of the exact-radius search.
+      perturbation: ``"fisher"`` (default, Δ* above) or ``"released"`` (the released code's normalised
+        score, see :func:`released_perturbation`).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes ``grad_fn``.
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes ``grad_fn`` (and ``noise`` with
+      ``perturbation="released"``).
 
     >>> tx = fpbma(1e-2, rho=0.05)
     >>> # state = tx.init(q)
@@ -474,13 +564,74 @@ def fpbma(
     References:
       Lim et al., "Flat Posterior Does Matter For Bayesian Model Averaging", arXiv:2406.15664.
     """
-    _check_number(learning_rate, "learning_rate", low=0.0, low_open=True)
     _check_number(rho, "rho", low=0.0)
+    _check_perturbation(perturbation)
+    outer = _outer_update(learning_rate, momentum, weight_decay, natural_gradient, damping, nesterov,
+                          covariance_lr_scale)
+    if perturbation == "released":
+        perturb = perturb_along_score(rho, batch_axis_name)
+    else:
+        perturb = perturb_in_kl_ball(rho, damping, batch_axis_name, radius, radius_steps)
+    return skip_non_finite(optax.chain(perturb, *outer))
+
+
+def vi(
+    learning_rate: ScalarOrSchedule,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    natural_gradient: bool = False,
+    damping: float = 1e-3,
+    nesterov: bool = False,
+    batch_axis_name: Optional[str] = None,
+    covariance_lr_scale: float = 1.0,
+) -> optax.GradientTransformationExtraArgs:
+    """Plain VI on a posterior's parameters θ: :func:`fpbma`'s update with no perturbation (ρ = 0).
+
+        g  = ∇_θ L(θ)                 (passed in as ``grads``; one gradient pass per step)
+        g  ← F_θ⁻¹ g                  (if ``natural_gradient``)
+        g  ← g + wd · μ               (weight decay on the means only)
+        m  ← momentum · m + g;   update = −η m   (−c·η m on log σ and D)
+
+    The ablation that isolates FP-BMA's perturbation: same posterior, loss and update, and the same
+    parameters after every step as ``fpbma(..., rho=0)`` (which evaluates the gradient at θ twice).
+    Skips non-finite steps like :func:`fpbma`. Arguments are :func:`fpbma`'s.
+
+    >>> import fpbma, jax, jax.numpy as jnp, optax
+    >>> q = fpbma.DiagGaussian({"w": jnp.ones(2)}, {"w": jnp.zeros(2)})
+    >>> tx = fpbma.vi(0.1, momentum=0.0)
+    >>> g = jax.tree.map(jnp.ones_like, q)
+    >>> updates, _ = tx.update(g, tx.init(q), q)
+    >>> [round(float(x), 6) for x in optax.apply_updates(q, updates).mean["w"]]
+    [0.9, 0.9]
+
+    References:
+      Lim et al., "Flat Posterior Does Matter For Bayesian Model Averaging", arXiv:2406.15664 (VI is
+      the ρ = 0 ablation of FP-BMA).
+    """
+    outer = _outer_update(learning_rate, momentum, weight_decay, natural_gradient, damping, nesterov,
+                          covariance_lr_scale)
+    if batch_axis_name is not None:
+        outer.insert(0, _pmean(batch_axis_name))
+    return skip_non_finite(optax.chain(*outer))
+
+
+def _pmean(axis_name: str) -> optax.GradientTransformation:
+    """Averages the incoming gradient over a pmap axis."""
+    return optax.GradientTransformation(lambda params: optax.EmptyState(),
+                                        lambda u, state, params=None: (jax.lax.pmean(u, axis_name=axis_name), state))
+
+
+def _outer_update(learning_rate, momentum, weight_decay, natural_gradient, damping, nesterov,
+                  covariance_lr_scale) -> list:
+    """The parts after the perturbation: F⁻¹ (optional), weight decay on means, momentum, −η (c·η on log σ, D).
+
+    Shared by :func:`fpbma` and :func:`vi`, so the two updates stay one update."""
+    _check_number(learning_rate, "learning_rate", low=0.0, low_open=True)
     _check_number(momentum, "momentum", low=0.0, high=1.0, high_open=True)
     _check_number(weight_decay, "weight_decay", low=0.0)
     _check_number(damping, "damping", low=0.0)
     _check_number(covariance_lr_scale, "covariance_lr_scale", low=0.0, low_open=True)
-    parts = [perturb_in_kl_ball(rho, damping, batch_axis_name, radius, radius_steps)]
+    parts = []
     if natural_gradient:
         parts.append(scale_by_inverse_fisher(damping))
     if weight_decay:
@@ -490,7 +641,7 @@ def fpbma(
     parts.append(optax.scale_by_learning_rate(learning_rate))
     if covariance_lr_scale != 1.0:
         parts.append(_scale_covariance(covariance_lr_scale))
-    return skip_non_finite(optax.chain(*parts))
+    return parts
 
 
 def _scale_covariance(factor: float) -> optax.GradientTransformation:

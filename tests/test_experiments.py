@@ -135,9 +135,10 @@ def test_bad_configs_fail_before_any_work(tmp_path, overrides, stage, message):
     ("--config.method=adamw", "error: unknown method(s) ['adamw']"),
     ("--config.hparams.sam.temperature=0.1", "error: --config.hparams.sam.temperature: method 'sam' has no "
                                              "hyperparameter 'temperature'; its names are ['momentum', 'nesterov', "
-                                             "'rho', 'weight_decay', 'learning_rate', 'steps']"),
+                                             "'rho', 'weight_decay', 'learning_rate', 'steps', 'schedule', "
+                                             "'warmup_steps']"),
     ("--config.hparams.adamw.rho=0.1", "error: --config.hparams.adamw.rho: unknown method 'adamw'; the methods are "
-                                       "['fpbma', 'sgd'"),
+                                       "['fpbma', 'vi', 'fpbma_released', 'sgd'"),
     ("--config.rho=0.1", "error: --config.rho is gone"),
 ])
 def test_command_line_error_is_one_clear_message(tmp_path, flag, message):
@@ -169,7 +170,8 @@ def test_method_digest_holds_its_own_resolved_hyperparameters_and_no_path(tmp_pa
     assert os.path.basename(common.method_dir(config, "sgd", 0)) == before["sgd"]
     config.hparams.sgd.learning_rate = 0.5
     hp, shared = common.method_settings(config, "sgd")
-    assert shared == {"learning_rate": 0.5, "steps": config.transfer.steps} and hp["momentum"] == 0.9
+    assert shared == {"learning_rate": 0.5, "steps": config.transfer.steps, "schedule": "constant",
+                      "warmup_steps": 0} and hp["momentum"] == 0.9
     assert os.path.basename(common.method_dir(config, "sgd", 0)) != before["sgd"]
     # The KL weight is a shared field of the variational methods only.
     assert common.method_settings(config, "fpbma")[1]["kl_weight"] == config.transfer.kl_weight
@@ -177,6 +179,45 @@ def test_method_digest_holds_its_own_resolved_hyperparameters_and_no_path(tmp_pa
     config.transfer.kl_weight = 0.5
     assert os.path.basename(common.method_dir(config, "sam", 0)) == before["sam"]
     assert os.path.basename(common.method_dir(config, "fpbma", 0)) != before["fpbma"]
+
+
+def test_schedule_fields_are_per_method_and_keep_the_constant_digest(tmp_path):
+    """schedule / warmup_steps: config.transfer's unless set per method; the constant default hashes as before."""
+    config = _config(tmp_path / "a")
+    before = os.path.basename(common.method_dir(config, "sgd", 0))
+    # The digest of a constant schedule without warm-up is the one of a config without schedule fields.
+    hp, shared = common.method_settings(config, "sgd")
+    legacy = {k: v for k, v in shared.items() if k not in ("schedule", "warmup_steps")}
+    transfer_fields = {k: v for k, v in config.transfer.to_dict().items()
+                       if k not in ("learning_rate", "steps", "kl_weight", "schedule", "warmup_steps")}
+    assert before.endswith(common._digest({"prior": common._stage_digest(config, "prior"), "transfer": transfer_fields,
+                                           "target": config.data.target, "k": config.data.k_shot, "method": "sgd",
+                                           "hparams": {**hp, **legacy}}))
+    config.hparams.sgd.schedule, config.hparams.sgd.warmup_steps = "cosine", 2
+    assert common.method_settings(config, "sgd")[1]["schedule"] == "cosine"
+    assert common.method_settings(config, "sam")[1]["schedule"] == "constant"
+    assert os.path.basename(common.method_dir(config, "sgd", 0)) != before
+    # The trainer the experiments build follows the schedule: η_0 = 0 at the start of the warm-up.
+    common.pretrain(config)
+    data, model, extra, scheme = common.setup_transfer(config, 0)
+    trainer = common.make_method_trainer(config, "sgd", model, extra, scheme, data)
+    batch = {"image": common.normalise(data["train_image"][:4]), "label": data["train_label"][:4]}
+    first = jax.jit(trainer.step)(trainer.init(), batch, jax.random.PRNGKey(0))
+    for a, b in zip(jax.tree_util.tree_leaves(first.params), jax.tree_util.tree_leaves(trainer.init().params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert "schedule" not in common.method_settings(config, "sgld")[1]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"transfer.schedule": "step"}, "config.hparams.sgd (or config.transfer): schedule='step' is not a learning-rate"),
+    ({"hparams.sgd.warmup_steps": 10 ** 6}, "config.hparams.sgd (or config.transfer): warmup_steps=1000000 exceeds"),
+    ({"hparams.sgld.schedule": "cosine"}, "config.hparams.sgld: method 'sgld' does not use the shared field(s) "
+                                          "['schedule']"),
+])
+def test_bad_schedule_configs_fail_with_one_line(tmp_path, overrides, message):
+    with pytest.raises(common.ConfigError) as e:
+        common.validate(_config(tmp_path / "wd", methods=("sgd", "sgld"), **overrides), "transfer")
+    assert str(e.value).startswith(message), str(e.value)
 
 
 def test_overridden_hyperparameters_reach_the_method(tmp_path):

@@ -127,8 +127,25 @@ def test_fits_a_users_own_loss(name):
     assert np.mean(losses) < 0.8 * math.log(3), losses
 
 
+def test_vi_is_fpbma_at_rho_zero_on_the_transfer_scheme():
+    """The ablation row: the same posterior after every step as FP-BMA with ρ = 0 (KL term, noise and all)."""
+    model, stats, scheme, apply_fn, features, x, y = tiny_transfer_problem()
+    batch = {"image": x, "label": y}
+    build = lambda name, **hp: transfer.make_trainer(name, scheme, apply_fn, num_data=24, num_steps=STEPS,  # noqa: E731
+                                                     learning_rate=0.05, kl_weight=1.0, hyperparameters=hp)
+    plain, zero = build("vi", weight_decay=0.01), build("fpbma", rho=0.0, weight_decay=0.01)
+    sv, sf = plain.init(), zero.init()
+    for t in range(STEPS):
+        sv, sf = jax.jit(plain.step)(sv, batch, _key(t)), jax.jit(zero.step)(sf, batch, _key(t))
+        for a, b in zip(jax.tree_util.tree_leaves(sv.params), jax.tree_util.tree_leaves(sf.params), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), sv.params, plain.init().params)
+    assert max(jax.tree_util.tree_leaves(moved)) > 1e-3
+
+
 def test_unknown_names_fail_with_one_line_naming_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown method 'adam'; choose one of \['fpbma', 'sgd'"):
+    with pytest.raises(ValueError, match=r"unknown method 'adam'; choose one of "
+                                         r"\['fpbma', 'vi', 'fpbma_released', 'sgd'"):
         methods.get("adam")
     with pytest.raises(ValueError, match=r"method 'sam' has no hyperparameter\(s\) \['temperature'\]; its "
                                          r"hyperparameters are \['momentum', 'nesterov', 'rho', 'weight_decay'\]"):
@@ -209,3 +226,118 @@ def test_every_baseline_constructor_is_a_registered_method():
     from fpbma import baselines
 
     assert set(baselines.METHODS) <= set(methods.names())
+
+
+# ------------------------------------------------------------------------------------------------
+# The learning-rate schedule as a shared training field.
+
+
+def test_learning_rate_schedule_is_linear_warm_up_then_cosine():
+    peak, k, w = 0.2, 12, 3
+    sched = methods.learning_rate_schedule(peak, k, "cosine", w)
+    for t in range(k + 1):
+        expected = peak * t / w if t < w else peak * 0.5 * (1 + math.cos(math.pi * (t - w) / (k - w)))
+        assert float(sched(t)) == pytest.approx(expected, abs=1e-7), t
+    constant = methods.learning_rate_schedule(peak, k, "constant", w)
+    assert [float(constant(t)) for t in (0, 1, 3, 11)] == pytest.approx([0.0, peak / 3, peak, peak])
+    no_warmup = methods.learning_rate_schedule(peak, k, "cosine", 0)
+    assert [float(no_warmup(t)) for t in (0, k)] == pytest.approx([peak, 0.0])
+    assert float(methods.learning_rate_schedule(peak, k, "constant", k)(k)) == pytest.approx(peak)
+    # The default is the float itself: today's optimizers, bit for bit.
+    assert methods.learning_rate_schedule(peak, k) is peak
+
+
+def test_a_cosine_schedule_reaches_the_optimizer_step_by_step():
+    """SGD-momentum on the logistic problem: w after every step equals the recursion with η_t by hand."""
+    problem, batch = logistic_problem()
+    peak, k, w, mu = 0.3, 6, 2, 0.9
+    trainer = methods.get("sgd").trainer(problem, learning_rate=peak, num_steps=k, schedule="cosine",
+                                         warmup_steps=w, momentum=mu)
+    state, step = trainer.init(), jax.jit(trainer.step)
+    ref, m = problem.init_params, jax.tree.map(jnp.zeros_like, problem.init_params)
+    grad = jax.grad(lambda p: problem.loss(p, batch, None))
+    for t in range(k):
+        eta = peak * t / w if t < w else peak * 0.5 * (1 + math.cos(math.pi * (t - w) / (k - w)))
+        m = jax.tree.map(lambda a, g: mu * a + g, m, grad(ref))
+        ref = jax.tree.map(lambda p, a: p - eta * a, ref, m)
+        state = step(state, batch, _key(t))
+        for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(ref), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", [n for n in methods.names() if "schedule" in methods.get(n).shared])
+def test_every_scheduled_method_follows_the_warm_up(name):
+    """A warm-up from η_0 = 0: the first step leaves the trained object exactly as it was, the second moves it."""
+    problem, batch = logistic_problem()
+    trainer = methods.get(name).trainer(problem, learning_rate=0.1, num_steps=10, schedule="cosine",
+                                        warmup_steps=1)
+    step = jax.jit(trainer.step)
+    init = trainer.init()
+    first = step(init, batch, _key(0))
+    _equal(first.params, init.params)
+    second = step(first, batch, _key(1))
+    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(second.params),
+                                                               jax.tree_util.tree_leaves(first.params))) > 0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(schedule="linear"),
+     r"schedule='linear' is not a learning-rate schedule; use one of \('constant', 'cosine'\)"),
+    (dict(warmup_steps=-1), r"warmup_steps=-1 must be an integer >= 0"),
+    (dict(warmup_steps=11), r"warmup_steps=11 exceeds steps=10: the warm-up would never end"),
+    (dict(schedule="cosine", warmup_steps=10), r"warmup_steps=10 leaves no step for the cosine decay \(steps=10\)"),
+    (dict(warmup_steps=1.5), r"warmup_steps=1.5 must be an integer >= 0"),
+])
+def test_bad_schedules_fail_with_one_line(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        methods.get("sgd").check(num_steps=10, **kwargs)
+
+
+def test_a_method_with_its_own_step_size_refuses_a_schedule():
+    assert "schedule" not in methods.get("sgld").shared
+    with pytest.raises(ValueError, match=r"method 'sgld' takes no learning-rate schedule"):
+        methods.get("sgld").check(num_steps=10, schedule="cosine")
+
+
+# ------------------------------------------------------------------------------------------------
+# Search spaces: stated beside the defaults, checked here.
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_every_method_states_a_search_space_of_its_own_names_that_holds_its_defaults(name):
+    m = methods.get(name)
+    assert m.search_space.get("learning_rate") == ("log_uniform", 1e-3, 1e-1)
+    for key, spec in m.search_space.items():
+        assert key in m.defaults or key in m.shared, key
+        if key not in m.defaults:
+            continue  # a shared field's default is the run's (config.transfer)
+        default = m.defaults[key]
+        if spec[0] == "choice":
+            assert default in spec[1], (key, default, spec)
+        else:
+            assert spec[1] <= default <= spec[2], (key, default, spec)
+    # Every value the space can produce at its ends builds a trainer (the constructors accept it).
+    ends = {k: (s[1][-1] if s[0] == "choice" else s[2]) for k, s in m.search_space.items() if k in m.defaults}
+    for rate in m.search_space["learning_rate"][1:]:
+        m.check(ends, learning_rate=rate, num_steps=100, num_data=100)
+
+
+def test_the_paper_radii_are_searched_on_their_own_scales():
+    space = {n: methods.get(n).search_space for n in methods.names()}
+    assert space["fpbma"]["rho"] == space["fpbma_released"]["rho"] == ("log_uniform", 0.01, 10.0)
+    assert space["sam"]["rho"] == space["fswag"]["rho"] == ("log_uniform", 0.01, 0.5)
+    assert space["sgld"]["temperature"] == space["emcmc"]["temperature"] == ("log_uniform", 1e-3, 1.0)
+    assert "rho" not in space["vi"] and space["vi"]["learning_rate"] == space["fpbma"]["learning_rate"]
+
+
+@pytest.mark.parametrize("space,match", [
+    ({"rate": ("log_uniform", 0.1, 1.0)}, r"search_space\['rate'\].* names no hyperparameter or shared field; "
+                                          r"choose from \['learning_rate', 'shrink', 'steps'\]"),
+    ({"shrink": ("log_uniform", 0.0, 1.0)}, r"must be \('log_uniform', low, high\) with finite 0 < low < high"),
+    ({"shrink": ("uniform", 1.0, 0.5)}, r"must be \('uniform', low, high\) with finite low < high"),
+    ({"shrink": ("choice", ())}, r"must be \('choice', \(value, ...\)\)"),
+    ({"shrink": ("grid", 1, 2)}, r"must be a tuple starting with one of \('log_uniform', 'uniform', 'choice'\)"),
+])
+def test_a_bad_search_space_fails_when_the_method_is_made(space, match):
+    with pytest.raises(ValueError, match=match):
+        methods.Method("bad", defaults={"shrink": 0.5}, build=None, search_space=space)

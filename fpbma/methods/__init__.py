@@ -35,23 +35,108 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
 from fpbma import posterior as post
 from fpbma.types import HEAD, LossFn, Problem, Trainer
 
-__all__ = ["Method", "TrainingSettings", "SHARED_FIELDS", "register", "unregister", "get", "names",
-           "plain_problem"]
+__all__ = ["Method", "TrainingSettings", "SHARED_FIELDS", "SCHEDULED", "VARIATIONAL", "SCHEDULES",
+           "learning_rate_schedule", "SEARCH_KINDS", "SEARCH_LEARNING_RATE", "SEARCH_WEIGHT_DECAY", "register",
+           "unregister", "get", "names", "plain_problem"]
 
-SHARED_FIELDS = ("learning_rate", "steps", "kl_weight")
+SHARED_FIELDS = ("learning_rate", "steps", "kl_weight", "schedule", "warmup_steps")
 """Training fields every run sets once (``config.transfer.<field>``) and a method may override."""
+
+SCHEDULED = ("learning_rate", "steps", "schedule", "warmup_steps")
+"""The shared fields of a method whose optimizer takes an optax schedule as its learning rate."""
+
+VARIATIONAL = ("learning_rate", "steps", "kl_weight", "schedule", "warmup_steps")
+"""The shared fields of a scheduled method that trains a posterior on E_q[ℓ] + β KL/N."""
+
+SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_schedule(learning_rate, num_steps: int, schedule: str = "constant", warmup_steps: int = 0):
+    """η_t of a run of K = ``num_steps`` steps: constant or cosine, after a linear warm-up of W steps.
+
+    * ``"constant"``, W = 0: the float η itself (no schedule object, the optimizer's constant rate);
+    * ``"constant"``, W > 0: η_t = η t/W for t < W, then η;
+    * ``"cosine"``: ``optax.warmup_cosine_decay_schedule(0, η, W, K, 0)``: η t/W for t < W, then
+      η · ½(1 + cos(π (t − W)/(K − W))) down to 0 at t = K.
+
+    Bad input raises one line before any work.
+
+    >>> sched = learning_rate_schedule(0.1, num_steps=10, schedule="cosine", warmup_steps=2)
+    >>> [round(float(sched(t)), 4) for t in (0, 1, 2, 6, 10)]
+    [0.0, 0.05, 0.1, 0.05, 0.0]
+
+    References:
+      Loshchilov & Hutter, "SGDR: Stochastic Gradient Descent with Warm Restarts", ICLR 2017 (cosine
+      decay); the paper's protocol (Lim et al., arXiv:2406.15664) trains with cosine decay and warm-up.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not a learning-rate schedule; use one of {SCHEDULES}.")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, np.integer)) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps={warmup_steps!r} must be an integer >= 0 (steps of linear warm-up).")
+    if warmup_steps > num_steps:
+        raise ValueError(f"warmup_steps={warmup_steps} exceeds steps={num_steps}: the warm-up would never end; "
+                         f"use warmup_steps <= {num_steps}.")
+    if schedule == "cosine" and warmup_steps == num_steps:
+        raise ValueError(f"warmup_steps={warmup_steps} leaves no step for the cosine decay (steps={num_steps}); "
+                         f"use warmup_steps < {num_steps}.")
+    if callable(learning_rate):
+        raise TypeError("learning_rate must be a number here: the schedule is chosen by schedule= and warmup_steps=.")
+    if schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, learning_rate, int(warmup_steps), int(num_steps), 0.0)
+    if warmup_steps == 0:
+        return learning_rate
+    return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, int(warmup_steps)),
+                                 optax.constant_schedule(learning_rate)], [int(warmup_steps)])
+
+
+SEARCH_KINDS = ("log_uniform", "uniform", "choice")
+"""The forms of a search-space entry: ``("log_uniform", low, high)`` (0 < low < high, sampled uniformly in
+log), ``("uniform", low, high)`` (low < high) and ``("choice", (value, ...))``."""
+
+SEARCH_LEARNING_RATE = ("log_uniform", 1e-3, 1e-1)
+"""Every method's learning-rate range (the paper's protocol grids η over 1e-1 … 1e-3)."""
+
+SEARCH_WEIGHT_DECAY = ("choice", (0.0, 1e-4, 5e-4))
+"""The weight decays searched for methods whose optimizer has one (0 is the default)."""
+
+
+def _check_search_space(method) -> None:
+    valid = set(method.defaults) | set(method.shared)
+    for key, spec in method.search_space.items():
+        where = f"method {method.name!r}: search_space[{key!r}]={spec!r}"
+        if key not in valid:
+            raise ValueError(f"{where} names no hyperparameter or shared field; choose from {sorted(valid)}.")
+        kind = spec[0] if isinstance(spec, tuple) and spec else None
+        if kind not in SEARCH_KINDS:
+            raise ValueError(f"{where} must be a tuple starting with one of {SEARCH_KINDS}.")
+        if kind == "choice":
+            ok = len(spec) == 2 and isinstance(spec[1], tuple) and len(spec[1]) > 0 and all(
+                isinstance(v, (bool, int, float, str)) for v in spec[1])
+            if not ok:
+                raise ValueError(f"{where} must be ('choice', (value, ...)) with at least one bool/int/float/str.")
+            continue
+        ok = len(spec) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                    for v in spec[1:]) and spec[1] < spec[2]
+        if not ok or (kind == "log_uniform" and spec[1] <= 0):
+            bound = "0 < low < high" if kind == "log_uniform" else "low < high"
+            raise ValueError(f"{where} must be ({kind!r}, low, high) with finite {bound}.")
 
 
 class TrainingSettings(NamedTuple):
-    """The shared training fields of one run: η, the number of steps K, the KL weight β."""
+    """The shared training fields of one run: η (a float or, for scheduled methods, an optax schedule),
+    the number of steps K, the KL weight β, and the schedule it was built from."""
 
     learning_rate: Any
     num_steps: int
     kl_weight: float = 1.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +149,12 @@ class Method:
       build: ``(problem, hyperparameters, settings) -> Trainer`` with the resolved hyperparameters (all
         names of ``defaults``) and the run's :class:`TrainingSettings`.
       summary: one line for help texts.
-      shared: the :data:`SHARED_FIELDS` the method uses (``kl_weight`` only for variational methods).
+      shared: the :data:`SHARED_FIELDS` the method uses (``kl_weight`` only for variational methods;
+        ``schedule`` and ``warmup_steps`` only for methods whose optimizer takes an optax schedule, which
+        then gets ``settings.learning_rate`` = :func:`learning_rate_schedule`; see :data:`SCHEDULED`).
+      search_space: the ranges a tuner searches on a validation split, by hyperparameter or shared field
+        name, each one of the :data:`SEARCH_KINDS` forms (e.g. ``{"learning_rate": ("log_uniform", 1e-3,
+        1e-1), "rho": ("log_uniform", 0.01, 10.0)}``). The library does not tune; it only states the space.
     """
 
     name: str
@@ -72,6 +162,7 @@ class Method:
     build: Callable[[Problem, dict, TrainingSettings], Trainer]
     summary: str = ""
     shared: tuple = ("learning_rate", "steps")
+    search_space: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not self.name.isidentifier():
@@ -85,6 +176,7 @@ class Method:
         unknown = [s for s in self.shared if s not in SHARED_FIELDS]
         if unknown:
             raise ValueError(f"method {self.name!r}: unknown shared field(s) {unknown}; choose from {SHARED_FIELDS}.")
+        _check_search_space(self)
 
     def hyperparameters(self, overrides: Optional[Mapping[str, Any]] = None) -> dict:
         """The defaults updated by ``overrides``; an unknown name raises one line naming the valid ones."""
@@ -95,21 +187,40 @@ class Method:
                              f"{sorted(self.defaults)}.")
         return {**self.defaults, **overrides}
 
+    def settings(self, *, learning_rate, num_steps: int, kl_weight: float = 1.0, schedule: str = "constant",
+                 warmup_steps: int = 0) -> TrainingSettings:
+        """The :class:`TrainingSettings` the method's ``build`` gets; bad schedule fields raise one line."""
+        scheduled = "schedule" in self.shared
+        if not scheduled and (schedule != "constant" or warmup_steps != 0):
+            raise ValueError(f"method {self.name!r} takes no learning-rate schedule (its shared fields are "
+                             f"{list(self.shared)}); leave schedule='constant' and warmup_steps=0.")
+        rate = learning_rate_schedule(learning_rate, int(num_steps), schedule, warmup_steps) if scheduled \
+            else learning_rate
+        return TrainingSettings(rate, int(num_steps), kl_weight, schedule, int(warmup_steps))
+
     def trainer(self, problem: Problem, *, learning_rate, num_steps: int, kl_weight: float = 1.0,
-                **hyperparameters) -> Trainer:
-        """The method's :class:`fpbma.types.Trainer` on ``problem`` (defaults updated by ``hyperparameters``)."""
-        return self.build(problem, self.hyperparameters(hyperparameters),
-                          TrainingSettings(learning_rate, int(num_steps), kl_weight))
+                schedule: str = "constant", warmup_steps: int = 0, **hyperparameters) -> Trainer:
+        """The method's :class:`fpbma.types.Trainer` on ``problem`` (defaults updated by ``hyperparameters``).
+
+        ``schedule`` / ``warmup_steps`` (methods with ``"schedule"`` in :attr:`shared`) turn the peak rate
+        ``learning_rate`` into :func:`learning_rate_schedule` (learning_rate, num_steps, schedule, warmup_steps).
+        """
+        hp = self.hyperparameters(hyperparameters)
+        return self.build(problem, hp, self.settings(learning_rate=learning_rate, num_steps=num_steps,
+                                                     kl_weight=kl_weight, schedule=schedule,
+                                                     warmup_steps=warmup_steps))
 
     def check(self, hyperparameters: Optional[Mapping[str, Any]] = None, *, learning_rate=0.01,
-              num_steps: int = 100, kl_weight: float = 1.0, num_data: int = 1) -> None:
+              num_steps: int = 100, kl_weight: float = 1.0, num_data: int = 1, schedule: str = "constant",
+              warmup_steps: int = 0) -> None:
         """Raises the error a run with these settings would raise when it builds its trainer, before any work.
 
         The trainer is built on a two-number probe problem (nothing is traced or compiled), so every value
         check of the method's constructors runs.
         """
         self.trainer(_probe_problem(num_data), learning_rate=learning_rate, num_steps=num_steps,
-                     kl_weight=kl_weight, **dict(hyperparameters or {}))
+                     kl_weight=kl_weight, schedule=schedule, warmup_steps=warmup_steps,
+                     **dict(hyperparameters or {}))
 
 
 _REGISTRY: dict = {}
@@ -165,8 +276,11 @@ def _probe_problem(num_data: int) -> Problem:
                          features=lambda w: jnp.zeros((1, 1), jnp.float32), labels=jnp.zeros((1,), jnp.int32))
 
 
-# The methods of the paper's tables, in the order they are listed; each module registers its method.
+# The methods of the paper's tables (FP-BMA and its two ablations first), in the order they are listed; each
+# module registers its method.
 from fpbma.methods._fpbma import FPBMA  # noqa: E402
+from fpbma.methods._vi import VI  # noqa: E402
+from fpbma.methods._fpbma_released import FPBMA_RELEASED  # noqa: E402
 from fpbma.methods._sgd import SGD  # noqa: E402
 from fpbma.methods._sam import SAM  # noqa: E402
 from fpbma.methods._fsam import FSAM  # noqa: E402
@@ -178,4 +292,5 @@ from fpbma.methods._swag import SWAG  # noqa: E402
 from fpbma.methods._fswag import FSWAG  # noqa: E402
 from fpbma.methods._laplace import LAPLACE  # noqa: E402
 
-__all__ += ["FPBMA", "SGD", "SAM", "FSAM", "BSAM", "MOPED", "SGLD", "EMCMC", "SWAG", "FSWAG", "LAPLACE"]
+__all__ += ["FPBMA", "VI", "FPBMA_RELEASED", "SGD", "SAM", "FSAM", "BSAM", "MOPED", "SGLD", "EMCMC", "SWAG", "FSWAG",
+            "LAPLACE"]

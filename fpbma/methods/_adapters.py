@@ -25,7 +25,7 @@ from fpbma import posterior as post
 from fpbma.baselines._sgld import is_cycle_end
 from fpbma.types import Problem, SampleSet, Trainer, TrainState
 
-__all__ = ["trainer", "variational", "point", "langevin", "post_hoc", "zero_kl"]
+__all__ = ["trainer", "variational", "on_initial_posterior", "point", "langevin", "post_hoc", "zero_kl"]
 
 
 def zero_kl(q) -> jax.Array:
@@ -63,7 +63,9 @@ def variational(problem: Problem, q0, kl_fn: Callable, tx: optax.GradientTransfo
                 kl_weight: float) -> Trainer:
     """q trained on E_q[ℓ(w)] + β KL(q ‖ p)/N; ``finalize`` returns q.
 
-    The step key splits into the reparameterisation noise ε and the key of ℓ (the same in every gradient
+    ``tx.update(∇L(q), state, q, grad_fn=∇L, noise=ε)``: transforms that perturb along the sample
+    (FP-BMA's released perturbation) read ``noise``; the others ignore it. The step key splits into the
+    reparameterisation noise ε and the key of ℓ (the same in every gradient
     of the step, so sharpness-aware passes differ only by their perturbation).
     """
     n = int(problem.num_data)
@@ -79,10 +81,17 @@ def variational(problem: Problem, q0, kl_fn: Callable, tx: optax.GradientTransfo
             return expected + kl_weight * kl_fn(q_) / n
 
         grad_fn = jax.grad(loss)
-        updates, opt_state = tx.update(grad_fn(q), state.opt_state, q, grad_fn=grad_fn)
+        updates, opt_state = tx.update(grad_fn(q), state.opt_state, q, grad_fn=grad_fn, noise=noise)
         return optax.apply_updates(q, updates), opt_state, state.samples, state.num_collected
 
     return trainer(q0, tx, update, lambda s: s.params)
+
+
+def on_initial_posterior(name: str, problem: Problem, tx: optax.GradientTransformation, kl_weight: float) -> Trainer:
+    """:func:`variational` from the problem's own initial posterior and KL term (FP-BMA and its ablations)."""
+    if problem.init_posterior is None:
+        raise ValueError(f"method {name!r} trains a posterior: the problem needs init_posterior (a LowRankGaussian).")
+    return variational(problem, problem.init_posterior, problem.kl or zero_kl, tx, kl_weight)
 
 
 def point(problem: Problem, tx: optax.GradientTransformation, finalize: Callable) -> Trainer:

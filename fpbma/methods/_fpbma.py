@@ -14,20 +14,19 @@ Reference: Lim et al., "Flat Posterior Does Matter For Bayesian Model Averaging"
 from __future__ import annotations
 
 from fpbma import transforms
-from fpbma.methods import Method, register
-from fpbma.methods._adapters import variational, zero_kl
+from fpbma.methods import SEARCH_LEARNING_RATE, SEARCH_WEIGHT_DECAY, VARIATIONAL, Method, register
+from fpbma.methods._adapters import on_initial_posterior
 
 
 def _build(problem, hp, run):
-    if problem.init_posterior is None:
-        raise ValueError("method 'fpbma' trains a posterior: the problem needs init_posterior (a LowRankGaussian).")
-    tx = transforms.fpbma(run.learning_rate, **hp)
-    return variational(problem, problem.init_posterior, problem.kl or zero_kl, tx, run.kl_weight)
+    return on_initial_posterior("fpbma", problem, transforms.fpbma(run.learning_rate, **hp), run.kl_weight)
 
 
 FPBMA = register(Method(
     "fpbma",
     defaults=dict(rho=0.05, momentum=0.9, damping=1e-3, covariance_lr_scale=0.1, weight_decay=0.0,
                   natural_gradient=False, nesterov=False, radius="exact_kl", radius_steps=4),
-    build=_build, shared=("learning_rate", "steps", "kl_weight"),
+    build=_build, shared=VARIATIONAL,
+    search_space={"learning_rate": SEARCH_LEARNING_RATE, "rho": ("log_uniform", 0.01, 10.0),
+                  "covariance_lr_scale": ("log_uniform", 0.01, 1.0), "weight_decay": SEARCH_WEIGHT_DECAY},
     summary="FP-BMA: the posterior trained in a KL ball of radius rho (nats^1/2) around it"))

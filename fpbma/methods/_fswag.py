@@ -10,7 +10,7 @@ Reference: Nguyen et al., "Flat Seeking Bayesian Neural Networks", NeurIPS 2023.
 from __future__ import annotations
 
 from fpbma.baselines._swag import fswag, swag_posterior
-from fpbma.methods import Method, register
+from fpbma.methods import SCHEDULED, SEARCH_LEARNING_RATE, SEARCH_WEIGHT_DECAY, Method, register
 from fpbma.methods._adapters import point
 from fpbma.methods._swag import COLLECTION, swa_start
 
@@ -24,4 +24,7 @@ def _build(problem, hp, run):
 
 FSWAG = register(Method(
     "fswag", defaults=dict(rho=0.05, momentum=0.9, weight_decay=0.0, **COLLECTION),
-    build=_build, summary="F-SWAG: SWAG collected along SAM (Euclidean radius rho)"))
+    build=_build, shared=SCHEDULED,
+    search_space={"learning_rate": SEARCH_LEARNING_RATE, "rho": ("log_uniform", 0.01, 0.5),
+                  "weight_decay": SEARCH_WEIGHT_DECAY},
+    summary="F-SWAG: SWAG collected along SAM (Euclidean radius rho)"))

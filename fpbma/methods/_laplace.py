@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from fpbma.baselines._laplace import fit_last_layer_laplace
 from fpbma.baselines._sgd import sgd
-from fpbma.methods import Method, register
+from fpbma.methods import SCHEDULED, SEARCH_LEARNING_RATE, SEARCH_WEIGHT_DECAY, Method, register
 from fpbma.methods._adapters import point, post_hoc
 from fpbma.types import SubsetLaplace
 
@@ -45,4 +45,6 @@ def _build(problem, hp, run):
 
 LAPLACE = register(Method(
     "laplace", defaults=dict(momentum=0.9, weight_decay=0.0, nesterov=False, prior_precision=0.0),
-    build=_build, summary="last-layer Laplace after SGD (prior precision by marginal likelihood when 0)"))
+    build=_build, shared=SCHEDULED,
+    search_space={"learning_rate": SEARCH_LEARNING_RATE, "weight_decay": SEARCH_WEIGHT_DECAY},
+    summary="last-layer Laplace after SGD (prior precision by marginal likelihood when 0)"))

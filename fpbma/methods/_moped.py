@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from fpbma import _trees
 from fpbma import posterior as post
 from fpbma.baselines._moped import moped
-from fpbma.methods import Method, register
+from fpbma.methods import SEARCH_LEARNING_RATE, VARIATIONAL, Method, register
 from fpbma.methods._adapters import variational, zero_kl
 from fpbma.models import partition
 
@@ -45,5 +45,6 @@ def _build(problem, hp, run):
 
 MOPED = register(Method(
     "moped", defaults=dict(moped_delta=0.1, prior_std=0.0, min_std=1e-6),
-    build=_build, shared=("learning_rate", "steps", "kl_weight"),
+    build=_build, shared=VARIATIONAL,
+    search_space={"learning_rate": SEARCH_LEARNING_RATE, "moped_delta": ("log_uniform", 0.01, 0.5)},
     summary="MOPED mean-field VI (prior and init std moped_delta*|w0|; prior_std>0 fixes the prior std)"))

@@ -14,7 +14,7 @@ Reference: Zhang et al., "Cyclical Stochastic Gradient MCMC for Bayesian Deep Le
 from __future__ import annotations
 
 from fpbma.baselines._sgld import csgld
-from fpbma.methods import Method, register
+from fpbma.methods import SEARCH_LEARNING_RATE, Method, register
 from fpbma.methods._adapters import langevin
 
 
@@ -28,4 +28,5 @@ def _build(problem, hp, run):
 
 SGLD = register(Method(
     "sgld", defaults=dict(n_cycle=4, exploration_ratio=0.8, temperature=1.0, seed=0),
-    build=_build, summary="cyclical SGLD (one sample per cycle at temperature T)"))
+    build=_build, search_space={"learning_rate": SEARCH_LEARNING_RATE, "temperature": ("log_uniform", 1e-3, 1.0)},
+    summary="cyclical SGLD (one sample per cycle at temperature T)"))

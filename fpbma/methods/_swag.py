@@ -15,7 +15,7 @@ import math
 from fpbma.baselines._common import check_number
 from fpbma.baselines._sgd import sgd
 from fpbma.baselines._swag import swag, swag_posterior
-from fpbma.methods import Method, register
+from fpbma.methods import SCHEDULED, SEARCH_LEARNING_RATE, SEARCH_WEIGHT_DECAY, Method, register
 from fpbma.methods._adapters import point
 
 COLLECTION = dict(collect_every=1, max_num_models=5, swa_start_fraction=0.5)
@@ -36,4 +36,6 @@ def _build(problem, hp, run):
 
 SWAG = register(Method(
     "swag", defaults=dict(momentum=0.9, weight_decay=0.0, **COLLECTION),
-    build=_build, summary="SWAG collected along SGD-momentum (a rank-K Gaussian)"))
+    build=_build, shared=SCHEDULED,
+    search_space={"learning_rate": SEARCH_LEARNING_RATE, "weight_decay": SEARCH_WEIGHT_DECAY},
+    summary="SWAG collected along SGD-momentum (a rank-K Gaussian)"))

@@ -17,7 +17,7 @@ Two Gaussian families, each a pytree whose fields are trees shaped like the netw
 
   at O(P K²) cost. The K × K contractions are summed leaf by leaf, so no flat P-vector is built.
 
-The Fisher information of q with respect to its own parameters θ (DESIGN §1–2) is
+The Fisher information of q with respect to its own parameters θ (README, "The Fisher, precisely") is
 
     F_θ = E_{w~q_θ}[∇_θ log q_θ(w) ∇_θ log q_θ(w)ᵀ] = ∇²_Δ KL(q_{θ+Δ} ‖ q_θ) |_{Δ=0}.
 
@@ -344,7 +344,7 @@ def sample_noise(q, key: jax.Array):
     """Standard-normal noise ε for one sample of q (a tree for DiagGaussian, LowRankNoise otherwise).
 
     Drawing ε once and reusing it across the clean and perturbed passes of an FP-BMA step makes the two
-    gradients differ only by the perturbation of θ (DESIGN §1).
+    gradients differ only by the perturbation of θ.
     """
     key_rank, key_diag = jax.random.split(key)
     diag = tree_normal_like(key_diag, q.mean)

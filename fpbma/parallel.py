@@ -1,6 +1,6 @@
 """Data-parallel training and BMA evaluation: jit + device mesh, or pmap.
 
-Two equivalent ways to run one training step on D devices (issue 8):
+Two equivalent ways to run one training step on D devices (README "Data parallelism"):
 
 * **jit-sharding** (:func:`make_data_parallel_step`): a 1-D mesh with axis ``"data"``
   (:func:`data_mesh`); the batch is split over it (:func:`shard_batch`), the train state is

@@ -1,6 +1,6 @@
 """Flatness of a posterior: Hessian spectra and traces of the training loss at its samples.
 
-The paper's measure (DESIGN §5): for S samples w_s ~ q (or a method's own sample set), the top Hessian
+The paper's measure (README "Flatness"): for S samples w_s ~ q (or a method's own sample set), the top Hessian
 eigenvalues λ₁ ≥ … ≥ λ_k of the training loss at w_s, the ratio λ₁/λ_k and the trace tr ∇²ℓ(w_s),
 each reported as mean ± std over the samples.
 

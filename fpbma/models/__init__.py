@@ -1,6 +1,6 @@
 """Backbones for Bayesian transfer learning: Flax ResNets, ViTs and EfficientNet-Lite0.
 
-Entry points (DESIGN §3)::
+Entry points (README "Models and pre-trained checkpoints")::
 
     model, variables = fpbma.models.create("resnet20", 10, key=key)
     model, variables = fpbma.models.from_pretrained("resnet50", "r50.safetensors", num_classes=10)

@@ -1,8 +1,8 @@
 """Predictive metrics for Bayesian model averaging: accuracy, NLL, ECE, Brier.
 
 BMA predictive (README "Bayesian transfer learning"): p(y|x) = (1/S) Σ_s softmax(f(x; w_s)). Its log
-is computed in log space, log p(y|x) = logsumexp_s log softmax(f(x; w_s))_y − log S, so a class to which some samples give zero
-probability never produces log 0.
+is computed in log space, log p(y|x) = logsumexp_s log softmax(f(x; w_s))_y − log S, so a class to
+which some samples give zero probability never produces log 0.
 
 All functions take an optional boolean ``mask`` (N,) so padded evaluation batches can be reduced
 without dropping or duplicating examples.

@@ -148,8 +148,9 @@ def _solve_log_log(kl_fn, tau0, target, steps: int, quadratic=None, cheap_kl=Non
     ``quadratic`` it assumes slope 2 in log-log. ``cheap_kl`` (the KL's mean and diagonal part, exact
     and elementwise) gives a second first step, Newton with its exact log-log slope, which sees the
     exponential growth e^{2τr} of a large log σ step that the model misses; the shorter of the two
-    steps is taken. Later steps take the secant through the last two points. Every point with ψ above / below the target tightens a bracket; a secant step that leaves
-    the bracket is replaced by its log-midpoint. A non-finite KL counts as too large, an underflowed one
+    steps is taken. Later steps take the secant through the last two points. Every point with ψ above
+    or below the target tightens a bracket; a secant step that leaves the bracket is replaced by its
+    log-midpoint. A non-finite KL counts as too large, an underflowed one
     as too small (τ ÷ or × 100 while unbracketed). Fixed-length and branch-free, so jit, vmap and pmap
     trace it as straight-line code.
     """
@@ -205,8 +206,8 @@ def fisher_perturbation(q, g, rho, damping: float = 0.0, radius: str = "exact_kl
     * ``"second_order"`` (the paper's formula): Δ* = ρ d / √(gᵀ d), on the ellipsoid ½ Δᵀ F_λ Δ = ρ²/2,
       i.e. KL(q_{θ+Δ} ‖ q_θ) ≈ γ = ρ²/2 to second order.
     * ``"exact_kl"`` (default): Δ* = τ d with τ solving KL(q_{θ+τd} ‖ q_θ) = ρ²/2 on the closed-form KL
-      (:func:`fpbma.kl_along_line`), by ``radius_steps`` safeguarded secant steps in log τ starting
-      from the second-order τ₀ = ρ/√(gᵀd).
+      (:func:`fpbma.kl_along_line`) with ``radius_steps`` KL evaluations from the second-order
+      τ₀ = ρ/√(gᵀd): a fitted first step, safeguarded secant steps in log τ, and a final Newton step.
 
     Why the default is not the paper's formula: the second-order ball is the true ball only where the KL
     is quadratic over the step. For a LowRankGaussian whose deviation columns D are zero (``from_point``,
@@ -215,9 +216,9 @@ def fisher_perturbation(q, g, rho, damping: float = 0.0, radius: str = "exact_kl
     second-order Δ* lands ~10⁶ γ away. The same happens for columns much smaller than σ. Fixing τ on
     the real KL keeps q_{θ+Δ*} on the ball for every posterior; where the second-order ball is accurate
     (D of the size of σ or larger, a DiagGaussian at moderate ρ) τ ≈ ρ/√(gᵀd) and both rules agree.
-    The cost is ``radius_steps`` evaluations of the KL along the line, two K × K Gram products over θ
-    each (O(P K²)); the last is a Newton step with the exact slope, so autodiff through Δ* sees the
-    implicit-function derivative of τ.
+    The cost is ``radius_steps`` evaluations of the KL along the line, O(P K²) each: one elementwise
+    pass over θ for small steps, two K × K Gram products otherwise. The last is a Newton step with the
+    exact slope, so autodiff through Δ* sees the implicit-function derivative of τ.
 
     Args:
       q: a DiagGaussian or LowRankGaussian.
@@ -225,7 +226,7 @@ def fisher_perturbation(q, g, rho, damping: float = 0.0, radius: str = "exact_kl
       rho: radius ρ ≥ 0, in √nats: the ball is KL ≤ ρ²/2.
       damping: λ ≥ 0 added to the covariance-block Fisher.
       radius: ``"exact_kl"`` or ``"second_order"``.
-      radius_steps: KL evaluations of the ``"exact_kl"`` radius search (≥ 1).
+      radius_steps: KL evaluations of the ``"exact_kl"`` radius search (≥ 2).
 
     Returns:
       Δ*, a tree shaped like q; zero where g = 0.
@@ -251,7 +252,8 @@ def fisher_perturbation(q, g, rho, damping: float = 0.0, radius: str = "exact_kl
     rho = jnp.asarray(rho, quad.dtype)
     positive = (quad > 0) & (rho > 0)
     tau0 = rho / jnp.sqrt(jnp.where(positive, quad, 1.0))
-    line_kl = post.kl_along_line(q, direction, mean_quad=_tree_vdot(g.mean, direction.mean))
+    mean_quad = _tree_vdot(g.mean, direction.mean)  # d_μᵀΣ⁻¹d_μ = g_μᵀΣg_μ, a forward product
+    line_kl = post.kl_along_line(q, direction, mean_quad=mean_quad)
     # Second-order coefficient of the KL along d: ½ dᵀF d = ½ (gᵀd − λ‖d_cov‖²), F undamped.
     cov_sq = sum(jnp.vdot(x, x) for name, field in zip(direction._fields, direction) if name != "mean"
                  for x in jax.tree_util.tree_leaves(field))
@@ -259,10 +261,10 @@ def fisher_perturbation(q, g, rho, damping: float = 0.0, radius: str = "exact_kl
     target = jnp.where(positive, 0.5 * rho * rho, 1.0)
     sg = jax.lax.stop_gradient
     # The search itself is not differentiated (same values under jit: XLA shares the two line KLs' work).
-    search_kl = post.kl_along_line(sg(q), sg(direction), mean_quad=sg(_tree_vdot(g.mean, direction.mean)))
+    search_kl = post.kl_along_line(sg(q), sg(direction), mean_quad=sg(mean_quad))
     cheap_kl = post.kl_along_line(post.DiagGaussian(sg(q.mean), sg(q.log_std)),
                                   post.DiagGaussian(sg(direction.mean), sg(direction.log_std)),
-                                  mean_quad=sg(_tree_vdot(g.mean, direction.mean)))
+                                  mean_quad=sg(mean_quad))
     tau = _solve_log_log(search_kl, sg(jnp.where(positive, tau0, 1.0)), sg(target), radius_steps - 1, sg(quadratic),
                          cheap_kl if isinstance(q, post.LowRankGaussian) else None)
     tau = _newton_in_log_log(line_kl, sg(tau), target)

@@ -946,15 +946,16 @@ def run_pipeline(config, stage: str = "transfer") -> dict:
         if corruptions_of(config):
             corrupted = corrupted_data(config, setup[0]["test_raw"], setup[0]["test_label"])
         for method in methods_of(config, stage):
+            t0 = time.perf_counter()
             posterior, _, finished = train_method(config, method, seed, setup)
             if not finished:
                 return results
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             metrics = evaluate_method(config, method, seed, posterior, setup, corrupted)
             results.setdefault(method, {})[seed] = metrics
             ind = metrics["in_domain"]["raw"]
             print(f"[seed {seed}] {method:8s} acc {ind['acc']:.4f} nll {ind['nll']:.4f} ece {ind['ece']:.4f} "
-                  f"(eval {time.perf_counter() - t0:.0f}s)", flush=True)
+                  f"(train {t1 - t0:.0f}s, eval {time.perf_counter() - t1:.0f}s)", flush=True)
     write_report(config, results, time.perf_counter() - start)
     return results
 

@@ -27,11 +27,12 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +134,11 @@ def validate(config, stage: str) -> None:
                           f"collect_every={config.prior.collect_every}; raise steps or lower collect_every.")
     if any(int(s) not in (1, 2, 3, 4, 5) for s in config.eval.severities):
         raise ConfigError(f"config.eval.severities={tuple(config.eval.severities)} must lie in 1..5.")
+    frac = config.data.get("test_from_train", None) or 0.0
+    if not (isinstance(frac, (int, float)) and 0.0 <= frac < 1.0):
+        raise ConfigError(f"config.data.test_from_train={frac!r} must lie in [0, 1): the share of every class "
+                          "of the target's train split moved to the test set (0: none).")
+    _check_selection(config)
     corruptions_of(config)
     seeds_of(config, stage)
     check_resources(config)
@@ -143,8 +149,9 @@ def validate(config, stage: str) -> None:
         if counts.min() < 2 * k:
             c = int(np.argmin(counts))
             raise ConfigError(f"config.data.k_shot={k} is too large: class {c} of {config.data.target!r} has "
-                              f"{int(counts[c])} training examples, fewer than k training + k validation "
-                              f"= {2 * k}. Use --config.data.k_shot <= {int(counts.min()) // 2}.")
+                              f"{int(counts[c])} training examples (after test_from_train), fewer than k "
+                              f"training + k validation = {2 * k}. Use --config.data.k_shot <= "
+                              f"{int(counts.min()) // 2} or a smaller --config.data.test_from_train.")
         # Every value check of each method's constructors, run now on a probe problem (N = k per class).
         for m, (hp, shared) in settings.items():
             try:
@@ -233,7 +240,9 @@ def target_class_counts(config) -> np.ndarray:
     import fpbma.data
 
     src = fpbma.data.load(config.data.target, "train", data_dir=config.data.data_dir)
-    return np.bincount(np.asarray(src.labels), minlength=src.info.num_classes)
+    counts = np.bincount(np.asarray(src.labels), minlength=src.info.num_classes)
+    held = np.ceil(test_from_train_of(config) * counts).astype(counts.dtype)  # stratified_holdout's share
+    return counts - held
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,6 +324,7 @@ def method_hash(config, method: str) -> str:
     shared = {k: v for k, v in shared.items() if (k, v) not in _NEUTRAL_SHARED}
     return _digest({"prior": _stage_digest(config, "prior"), "transfer": transfer_fields,
                     "target": config.data.target, "k": config.data.k_shot, "method": method,
+                    **({"test_from_train": test_from_train_of(config)} if test_from_train_of(config) else {}),
                     "hparams": {**hp, **shared}})
 
 
@@ -415,22 +425,38 @@ def source_data(config) -> dict:
     return _cached(os.path.join(config.workdir, "data", f"{name}-train-{size}px.npz"), build)
 
 
+def test_from_train_of(config) -> float:
+    """``config.data.test_from_train``: the share of every class of the target's train split moved to the test set."""
+    return float(config.data.get("test_from_train", None) or 0.0)
+
+
+_HOLDOUT_SEED = 0x7E57  # the held-out images are the same for every transfer seed
+
+
 def target_data(config, seed: int) -> dict:
-    """Few-shot train/validation (k per class each, by ``seed``) and the whole test split, resized."""
+    """Few-shot train/validation (k per class each, by ``seed``) and the test set, resized.
+
+    The test set is the target's test split plus, when ``config.data.test_from_train`` = f > 0, a fixed
+    ⌈f · n_c⌉ images of every class c of its train split (:func:`fpbma.data.stratified_holdout`, the same
+    for every seed); the few-shot draws come from the rest of the train split.
+    """
     import fpbma.data
 
-    size, k = int(config.data.image_size), int(config.data.k_shot)
+    size, k, frac = int(config.data.image_size), int(config.data.k_shot), test_from_train_of(config)
 
     def build():
         train_src = fpbma.data.load(config.data.target, "train", data_dir=config.data.data_dir)
-        split = fpbma.data.few_shot_split(train_src, k, seed, val_per_class=k)
+        held = fpbma.data.stratified_holdout(train_src, frac, _HOLDOUT_SEED) if frac > 0 else None
+        split = fpbma.data.few_shot_split(train_src, k, seed, val_per_class=k, exclude=held)
         x, y = _arrays(train_src)
         xt, yt = _arrays(fpbma.data.load(config.data.target, "test", data_dir=config.data.data_dir))
+        if held is not None:
+            xt, yt = np.concatenate([xt, x[held]]), np.concatenate([yt, y[held]])
         return {"train_image": _resize(x[split.train], size), "train_label": y[split.train],
                 "val_image": _resize(x[split.validation], size), "val_label": y[split.validation],
                 "test_image": _resize(xt, size), "test_label": yt, "test_raw": xt}
 
-    name = config.data.target.replace("/", "_").replace(":", "_")
+    name = config.data.target.replace("/", "_").replace(":", "_") + (f"-holdout{frac:g}" if frac > 0 else "")
     return _cached(os.path.join(config.workdir, "data", f"{name}-{k}shot-seed{seed}-{size}px.npz"), build)
 
 
@@ -577,8 +603,11 @@ def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> n
 
 
 def run_loop(config, directory: str, init_state, step_fn, data: dict, *, num_steps: int, batch_size: int,
-             seed: int, desc: str):
+             seed: int, desc: str, on_step: Optional[Callable[[int, Any], None]] = None, every: int = 0):
     """Runs ``step_fn(state, batch, fold_in(key, t))`` for t = t₀ … num_steps − 1, resuming from the latest checkpoint.
+
+    ``on_step(t + 1, state)`` runs after every ``every``-th step and after the last one (checkpoint
+    selection on validation data); it may raise to stop the run (e.g. a pruned tuning trial).
 
     Returns:
       ``(state, finished)``; ``finished`` is False when ``config.max_steps`` stopped the run early.
@@ -604,6 +633,8 @@ def run_loop(config, directory: str, init_state, step_fn, data: dict, *, num_ste
                 save_checkpoint(os.path.join(directory, f"step_{t + 1}"), state, overwrite=True)
                 for old in _checkpoints(directory)[:-1]:
                     shutil.rmtree(os.path.join(directory, f"step_{old}"), ignore_errors=True)
+            if on_step is not None and ((every > 0 and (t + 1) % every == 0) or t + 1 == num_steps):
+                on_step(t + 1, state)
             tick()
     return state, True
 
@@ -771,24 +802,103 @@ def make_method_trainer(config, method, model, extra, scheme, data):
         train_data=(x, y), hyperparameters=hp, **_training_kwargs(shared))
 
 
-def train_method(config, method: str, seed: int, setup=None):
-    """Trains ``method`` on the few-shot target (resumable); returns ``(posterior, state, finished)``."""
-    data, model, extra, scheme = setup or setup_transfer(config, seed)
+SELECTIONS = ("val_nll", "last")
+
+
+def _check_selection(config) -> None:
+    t = config.transfer
+    select = t.get("select", "last")
+    if select not in SELECTIONS:
+        raise ConfigError(f"config.transfer.select={select!r}; choose one of {SELECTIONS} (val_nll: the "
+                          "checkpoint whose BMA has the lowest validation NLL; last: the final step).")
+    for field in ("select_every", "select_samples"):
+        if field in t:
+            _check_positive_int(t[field], f"transfer.{field}")
+
+
+def validation_nll(config, trainer, state, setup, seed: int, num_samples: int) -> float:
+    """NLL of the BMA (``num_samples`` weights) of ``trainer.finalize(state)`` on the validation split.
+
+    ``inf`` while the state has no posterior yet (a sampler before its first cycle end, a SWAG
+    before two collected models) or when its predictions are not finite.
+    """
+    from fpbma import bma
+
+    data, model, extra, scheme = setup
+    try:
+        posterior = trainer.finalize(state)
+    except ValueError:
+        return math.inf
+    sampler = transfer.sample_weights(scheme, posterior, extra, bool(config.transfer.sample_frozen))
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 98)
+    lp = _predict(config, eval_apply(model), sampler, normalise(data["val_image"]), key, num_samples)
+    nll = float(bma.evaluate(lp, data["val_label"])["nll"])
+    return nll if math.isfinite(nll) else math.inf
+
+
+def _read_json(path: str, default):
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def train_method(config, method: str, seed: int, setup=None, report: Optional[Callable[[int, float], None]] = None):
+    """Trains ``method`` on the few-shot target (resumable); returns ``(posterior, state, finished)``.
+
+    With ``config.transfer.select = "val_nll"`` (the paper's protocol) the validation NLL of the BMA
+    with ``config.transfer.select_samples`` weights is computed every ``config.transfer.select_every``
+    steps and at the end, and the returned state is the one where it was lowest (``selection.json`` in
+    the method's directory keeps the curve and the chosen step); ``"last"`` returns the final step.
+    ``report(step, nll)`` is called with every validation NLL (a tuner's pruning hook).
+    """
+    setup = setup or setup_transfer(config, seed)
+    data, model, extra, scheme = setup
     trainer = make_method_trainer(config, method, model, extra, scheme, data)
     directory = method_dir(config, method, seed)
     final = os.path.join(directory, "final")
     init = trainer.init()
     if os.path.isdir(final):
-        state, finished = restore_checkpoint(final, like=init), True
-    else:
-        batch = {"image": normalise(data["train_image"]), "label": data["train_label"]}
-        state, finished = run_loop(config, directory, init, trainer.step, batch,
-                                   num_steps=int(method_settings(config, method)[1]["steps"]),
-                                   batch_size=int(config.transfer.batch_size),
-                                   seed=1000 * seed + 17, desc=f"train {method} (seed {seed})")
-        if finished:
-            save_checkpoint(final, state, overwrite=True)
-    return (trainer.finalize(state) if finished else None), state, finished
+        state = restore_checkpoint(final, like=init)
+        return trainer.finalize(state), state, True
+    select = config.transfer.get("select", "last")
+    on_step, every = None, 0
+    record_path = os.path.join(directory, "selection.json")
+    record = _read_json(record_path, {"curve": [], "step": None, "val_nll": None})
+    if select == "val_nll":
+        every = int(config.transfer.select_every)
+        samples = int(config.transfer.select_samples)
+
+        def on_step(step, state):
+            nll = validation_nll(config, trainer, state, setup, seed, samples)
+            record["curve"].append([int(step), nll if math.isfinite(nll) else None])
+            if math.isfinite(nll) and (record["val_nll"] is None or nll < record["val_nll"]):
+                save_checkpoint(os.path.join(directory, "best"), state, overwrite=True)
+                record.update(step=int(step), val_nll=nll)
+            _write_json(record_path, record)
+            if report is not None:
+                report(int(step), nll)
+
+    os.makedirs(directory, exist_ok=True)
+    batch = {"image": normalise(data["train_image"]), "label": data["train_label"]}
+    state, finished = run_loop(config, directory, init, trainer.step, batch,
+                               num_steps=int(method_settings(config, method)[1]["steps"]),
+                               batch_size=int(config.transfer.batch_size),
+                               seed=1000 * seed + 17, desc=f"train {method} (seed {seed})",
+                               on_step=on_step, every=every)
+    if not finished:
+        return None, state, False
+    if record["step"] is not None and record["step"] != int(state.step):
+        state = restore_checkpoint(os.path.join(directory, "best"), like=init)
+    save_checkpoint(final, state, overwrite=True)
+    return trainer.finalize(state), state, True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1003,12 +1113,25 @@ def run_cli(stage: str, config) -> None:
         sys.exit(2)
 
 
+def enable_compilation_cache(config) -> None:
+    """JAX's persistent compilation cache in ``<workdir>/jax_cache`` (``config.compilation_cache=False``: off).
+
+    The train steps of a method compile to the same program for every transfer seed (the data are
+    arguments), so seeds after the first, and reruns, load it instead of compiling again.
+    """
+    if not config.get("compilation_cache", True):
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(config.workdir, "jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(stage: str, config) -> None:
     """Entry point of ``python -m experiments.<stage>``: validates first, then runs the stage."""
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint write at INFO
     validate(config, stage)
+    enable_compilation_cache(config)
     if stage == "pretrain":
         pretrain(config)
     elif stage == "prior":

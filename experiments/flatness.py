@@ -395,6 +395,7 @@ def main(argv):
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint restore at INFO
     config = _CONFIG.value
+    common.enable_compilation_cache(config)
     try:
         run(config)
     except common.ConfigError as e:

@@ -29,6 +29,7 @@ def get_config():
     c = cifar10_resnet18.get_config()
     c.workdir = "./workdir/cifar100_vit_b16"
     c.data.target = "cifar100"
+    c.data.test_from_train = 0.0     # its test split is large enough
     c.model.name = "vit_b16"
     c.model.pretrained = ""          # required: --config.model.pretrained=/path/to/vit_b16.safetensors|.npz
     c.eval.corrupted_dataset = ""    # corrupt on the fly (no CIFAR-100-C in TFDS)

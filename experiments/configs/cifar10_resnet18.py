@@ -35,6 +35,7 @@ def get_config():
     c.data.source = "imagenet2012"
     c.data.source_size = 20000       # ImageNet training images used by the source stage (0: all)
     c.data.target = "cifar10"
+    c.data.test_from_train = 0.0     # its test split is large enough
     c.data.image_size = 32           # storage size (CIFAR's own; ImageNet central squares resized to it)
     c.data.k_shot = 10
 

@@ -22,8 +22,15 @@ The full protocol is available through flags, e.g.
 ``--config.model.num_blocks=3 --config.model.width=16`` (ResNet-20).
 """
 
-from experiments.configs import base
+from experiments.configs import base, tuned_default
 
 
 def get_config():
-    return base.get_config()
+    c = base.get_config()
+    c.seeds = (0, 1, 2)
+    # The paper's protocol: cosine decay after a linear warm-up, every method's hyperparameters tuned on
+    # validation data (tuned_default.py, made by `python -m experiments.tune`), checkpoint selection by
+    # the validation NLL of the BMA (base: transfer.select).
+    c.transfer.schedule = "cosine"
+    c.transfer.warmup_steps = 10
+    return tuned_default.apply(c)

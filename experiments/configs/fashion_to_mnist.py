@@ -27,5 +27,6 @@ def get_config():
     c.workdir = "./workdir/fashion_to_mnist"
     c.data.source = "fashion_mnist"
     c.data.target = "mnist"
+    c.data.test_from_train = 0.0     # its test split is large enough
     c.data.image_size = 28
     return c

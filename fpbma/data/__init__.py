@@ -17,6 +17,7 @@ from fpbma.data.few_shot import (
     coop_subsets,
     few_shot,
     few_shot_split,
+    stratified_holdout,
     read_coop_split,
 )
 from fpbma.data.pipeline import batches, num_batches
@@ -37,6 +38,6 @@ from fpbma.data.sources import (
 __all__ = [
     "CoopEntry", "DatasetMetadata", "DatasetNotPreparedError", "FewShotSplit", "KNOWN_DATASETS",
     "MissingSourceError", "OFFLINE_DATASETS", "PAPER_DATASETS", "SHIFTED_DATASETS", "Source", "batches",
-    "coop_subsets", "default_data_dir", "few_shot", "few_shot_split", "info", "load", "num_batches",
+    "coop_subsets", "default_data_dir", "few_shot", "few_shot_split", "stratified_holdout", "info", "load", "num_batches",
     "prepare", "read_coop_split",
 ]

@@ -111,6 +111,36 @@ def few_shot(src, k: int, seed: int, *, exclude: Sequence[int] | None = None) ->
     return few_shot_split(src, k, seed, val_per_class=0, exclude=exclude).train
 
 
+def stratified_holdout(src, fraction: float, seed: int = 0) -> np.ndarray:
+    """A fixed ⌈fraction · n_c⌉ positions of every class c, to hold out of a split (e.g. as extra test data).
+
+    For every class (in increasing order) its positions are permuted by ``np.random.default_rng(seed)``
+    and the first ⌈fraction · n_c⌉ are taken. Pass the result as ``exclude=`` of :func:`few_shot_split`
+    so the few-shot draws of every seed come from the rest and never touch the held-out images.
+
+    >>> import numpy as np
+    >>> src = [{"label": c} for c in (0, 0, 0, 1, 1, 1, 1)]
+    >>> held = stratified_holdout(src, 0.5, seed=0)
+    >>> [int(np.sum(np.asarray([src[i]["label"] for i in held]) == c)) for c in (0, 1)]
+    [2, 2]
+
+    Args:
+      src: a ``Source`` (or any sequence of ``{"label": int}`` dicts).
+      fraction: in [0, 1); 0 holds out nothing.
+      seed: integer seed of the permutation (independent of the few-shot seeds).
+
+    Returns:
+      Sorted int64 positions into ``src``.
+    """
+    if not (isinstance(fraction, (int, float)) and 0.0 <= fraction < 1.0):
+        raise ValueError(f"fraction={fraction!r} must lie in [0, 1) (the share of every class held out).")
+    labels = _labels_of(src)
+    rng = np.random.default_rng(seed)
+    held = [rng.permutation(np.flatnonzero(labels == c))[:math.ceil(fraction * np.sum(labels == c))]
+            for c in range(_num_classes(src, labels))]
+    return np.sort(np.concatenate(held)).astype(np.int64)
+
+
 class CoopEntry(NamedTuple):
     """One line of a CoOp ``split_zhou_*.json`` file: image path, label and class name."""
 

@@ -12,7 +12,7 @@ Reference: Möllenhoff & Khan, "SAM as an Optimal Relaxation of Bayes", ICLR 202
 from __future__ import annotations
 
 from fpbma.baselines._bsam import bsam, bsam_posterior
-from fpbma.methods import SCHEDULED, SEARCH_LEARNING_RATE, SEARCH_WEIGHT_DECAY, Method, register
+from fpbma.methods import SCHEDULED, SEARCH_WEIGHT_DECAY, Method, register
 from fpbma.methods._adapters import point
 
 
@@ -25,6 +25,6 @@ BSAM = register(Method(
     "bsam", defaults=dict(rho=0.05, beta1=0.9, beta2=0.999, weight_decay=0.0, damping=0.1, s_init=1.0,
                           noise_scale=1.0, seed=0),
     build=_build, shared=SCHEDULED,
-    search_space={"learning_rate": SEARCH_LEARNING_RATE, "rho": ("log_uniform", 0.01, 0.5),
+    search_space={"learning_rate": ("log_uniform", 1e-3, 1.0), "rho": ("log_uniform", 0.01, 0.5),
                   "weight_decay": SEARCH_WEIGHT_DECAY},
     summary="Bayesian SAM (a diagonal Gaussian from the precision of the update)"))

@@ -13,7 +13,7 @@ Reference: Li & Zhang, "Entropy-MCMC: Sampling from Flat Basins with Ease", ICLR
 from __future__ import annotations
 
 from fpbma.baselines._emcmc import emcmc, guiding_params
-from fpbma.methods import SEARCH_LEARNING_RATE, Method, register
+from fpbma.methods import Method, register
 from fpbma.methods._adapters import langevin
 
 
@@ -27,5 +27,5 @@ def _build(problem, hp, run):
 
 EMCMC = register(Method(
     "emcmc", defaults=dict(eta=1e-2, n_cycle=4, exploration_ratio=0.5, temperature=1.0, seed=0),
-    build=_build, search_space={"learning_rate": SEARCH_LEARNING_RATE, "temperature": ("log_uniform", 1e-3, 1.0)},
+    build=_build, search_space={"learning_rate": ("log_uniform", 1e-3, 0.5), "temperature": ("log_uniform", 1e-3, 1.0)},
     summary="Entropy-MCMC (w and its guide sampled at the end of every cycle)"))

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from fpbma import methods
-from fpbma.baselines._sgld import PSGLDState
+from fpbma.baselines._sgld import PSGLDState, SGLDState
 from tests.baselines.mcmc_utils import effective_sample_size
 
 N, D, NOISE_STD, ALPHA = 50, 2, 1.0, 1.0
@@ -131,6 +131,9 @@ def test_emcmc_weights_and_guides_sample_the_marginals_of_the_joint():
     # Given w, w_a ~ N(w, ηT I): integrating w_a out leaves exp(−U(w)/T), so w ~ N(μ*, T Λ⁻¹) exactly, and
     # w_a = w + √(ηT) ζ ~ N(μ*, T (Λ⁻¹ + η I)).
     _, _, mean, precision = _data()
+    # η = 1/mean(Λᵢᵢ): the coupling is as stiff as the likelihood, so the guide's extra variance ηT is
+    # as large as the posterior's (a clear difference between the two marginals) while the joint stays
+    # well conditioned (for one coordinate of curvature λ, H_J's condition number is smallest near 1/η ≈ λ/2).
     eta, temperature = 1.0 / np.mean(np.diag(precision)), 1.0
     eye = np.eye(D)
     joint = np.block([[precision + eye / eta, -eye / eta], [-eye / eta, eye / eta]])
@@ -161,7 +164,8 @@ def _bsam_fixed_point(h, mu_ml, delta, gamma, rho, c):
     From fpbma/baselines/_bsam.py, with e ~ N(0, c²/(N s)), g = ∇ℓ(m + e) = H(m + e − μ_ml) and
     g_ε = ∇ℓ(m + ρ g/s) = H(m − μ_ml) + ρ H (g/s):
       momentum: E[g_ε] + δ m = 0  ⇔  (H + δ I + ρ H S⁻¹ H) m = (H + ρ H S⁻¹ H) μ_ml        (S = diag s);
-      precision: s = E[√s ⊙ |g|] + δ + γ, with gᵢ ~ N(μᵢ, vᵢ), μ = H(m − μ_ml), v = diag(H diag(c²/(N s)) H),
+      precision: s = E[√s ⊙ |g|] + δ + γ, with gᵢ ~ N(μᵢ, vᵢ), μ = H(m − μ_ml),
+      v = diag(H diag(c²/(N s)) H),
       and E|gᵢ| = √vᵢ √(2/π) exp(−μᵢ²/(2vᵢ)) + μᵢ erf(μᵢ/√(2vᵢ)) (the folded normal's mean).
     Solved by iterating the two maps (the precision's is what the β₂-average does).
     """
@@ -201,9 +205,9 @@ def test_bsam_reaches_the_fixed_point_of_its_update():
     var = np.stack([np.exp(2 * np.asarray(q.log_std["w"])) for q in qs])
     var_fp = 1.0 / (N * s_fp)
     # Precision: s is a β₂-average of u = √s|g| + δ + γ over i.i.d. draws of e, so its stationary sd is
-    # sd(u)·√((1 − β₂)/(1 + β₂)) with sd(u) = √s·sd|g| ≤ √s·√(v + μ²) (|g|'s sd is below its rms); σ² = 1/(N s)
-    # has the same relative error. Tolerance: z of it, plus e^{−(1−β₂)K} of the start's offset |s₀ − s|/s
-    # (s follows its average whatever the learning rate).
+    # sd(u)·√((1 − β₂)/(1 + β₂)) with sd(u) = √s·sd|g| ≤ √s·√(v + μ²) (|g|'s sd is below its rms);
+    # σ² = 1/(N s) has the same relative error. Tolerance: z of it, plus e^{−(1−β₂)K} of the start's
+    # offset |s₀ − s|/s (s follows its average whatever the learning rate).
     sd_rel = np.sqrt(s_fp) * np.sqrt(v + (h @ (m_fp - mu_ml)) ** 2) * math.sqrt((1 - beta2) / (1 + beta2)) / s_fp
     tol_var = Z * sd_rel + math.exp(-(1 - beta2) * steps) * np.abs(1.0 - s_fp) / s_fp
     err_var = np.abs(var / var_fp - 1.0)
@@ -244,6 +248,7 @@ def test_sgld_preconditioner_none_is_the_unpreconditioned_path_bit_for_bit():
     outs = []
     for trainer in runs:
         state = trainer.init()
+        assert type(state.opt_state) is SGLDState  # the unpreconditioned transform, not pSGLD's
         step = jax.jit(trainer.step)
         for k in range(steps):
             state = step(state, batch, jax.random.PRNGKey(k))

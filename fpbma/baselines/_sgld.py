@@ -25,7 +25,7 @@ With α_k = lr_k/N this is Δ = −lr_k P g̃ + √(2 lr_k P T/N) ξ. For a cons
 dw = −P∇U dt + √(2PT) dB, whose stationary law is exp(−U/T) exactly; a P that moves with w needs the
 correction term Γ(w) = T Σ_j ∂P_ij/∂w_j in the drift, which is dropped here as in the paper's practical
 algorithm. That bias is small when V averages gradient noise but can be large when V follows the
-position: with full-batch gradients on N(0, diag(10⁻⁴, 10⁻¹)), a = 0.99 inflates the two variances by
+position: with full-batch gradients on N(0, diag(10⁻⁴, 10⁻¹)) at α = 3·10⁻⁴, a = 0.99 inflates the variances by
 about 16 % and 74 % (a = 0.999: 3 % and 32 %). A frozen P (a = 1; e.g. a second transform carrying the
 state after an adaptive warm-up) samples exactly up to the step-size bias. V starts at the first step's
 g̃² (so the first step is not scaled by 1/ε); a = 1 from the start freezes P at the first gradient's.

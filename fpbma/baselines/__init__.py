@@ -25,7 +25,8 @@ from fpbma.baselines._laplace import (FullGaussian, LaplaceFit, LastLayerPosteri
 from fpbma.baselines._moped import MOPED, moped, moped_init
 from fpbma.baselines._sam import sam
 from fpbma.baselines._sgd import sgd
-from fpbma.baselines._sgld import SGLDState, csgld, cyclical_cosine_schedule, is_cycle_end, sgld
+from fpbma.baselines._sgld import (PRECONDITIONERS, PSGLDState, SGLDState, csgld, cyclical_cosine_schedule,
+                                   is_cycle_end, sgld)
 from fpbma.baselines._swag import SWAGState, fswag, swag, swag_posterior, swag_samples
 from fpbma.types import SampleSet, draw, num_samples, point_mass, stack_samples
 from fpbma.transforms import fpbma as _fpbma
@@ -77,7 +78,7 @@ __all__ = [
     "METHODS", "build", "hyperparameter_names",
     "SampleSet", "draw", "num_samples", "point_mass", "stack_samples",
     "sgd", "sam", "fsam", "bsam", "bsam_posterior", "BSAMState", "moped", "moped_init", "MOPED",
-    "sgld", "csgld", "cyclical_cosine_schedule", "is_cycle_end", "SGLDState",
+    "sgld", "csgld", "cyclical_cosine_schedule", "is_cycle_end", "SGLDState", "PSGLDState", "PRECONDITIONERS",
     "emcmc", "guiding_params", "EMCMCState",
     "swag", "fswag", "swag_posterior", "swag_samples", "SWAGState",
     "FullGaussian", "LaplaceFit", "LastLayerPosterior", "fit_last_layer_laplace", "last_layer_posterior",

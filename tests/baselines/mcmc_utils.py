@@ -24,10 +24,12 @@ def effective_sample_size(series: np.ndarray) -> float:
     return m * n / max(tau, 1.0)
 
 
-def check_gaussian_moments(samples: np.ndarray, mean: np.ndarray, cov: np.ndarray, z: float = 4.5):
+def check_gaussian_moments(samples: np.ndarray, mean: np.ndarray, cov: np.ndarray, z: float = 4.5,
+                           rel_bias: float = 0.0):
     """Asserts per-coordinate means and covariance entries of ``samples[chain, t, d]`` are within z·sd/√ESS.
 
     The sd of a covariance entry estimate uses the Gaussian fourth moment Var(xᵢxⱼ) = ΣᵢᵢΣⱼⱼ + Σᵢⱼ².
+    ``rel_bias`` adds a known bound on the sampler's covariance bias, as that fraction of √(ΣᵢᵢΣⱼⱼ).
     Returns the ESS of each statistic (for reporting).
     """
     d = samples.shape[-1]
@@ -43,7 +45,7 @@ def check_gaussian_moments(samples: np.ndarray, mean: np.ndarray, cov: np.ndarra
             prod = centred[..., i] * centred[..., j]
             e = effective_sample_size(prod)
             ess[f"cov{i}{j}"] = e
-            tol = z * np.sqrt((cov[i, i] * cov[j, j] + cov[i, j] ** 2) / e)
+            tol = z * np.sqrt((cov[i, i] * cov[j, j] + cov[i, j] ** 2) / e) + rel_bias * np.sqrt(cov[i, i] * cov[j, j])
             err = abs(prod.mean() - cov[i, j])
             assert err < tol, (i, j, prod.mean(), cov[i, j], tol, e)
     return ess

@@ -603,10 +603,10 @@ def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> n
 
 
 def run_loop(config, directory: str, init_state, step_fn, data: dict, *, num_steps: int, batch_size: int,
-             seed: int, desc: str, on_step: Optional[Callable[[int, Any], None]] = None, every: int = 0):
+             seed: int, desc: str, on_step: Optional[Callable[[int, Any], None]] = None, on_step_every: int = 0):
     """Runs ``step_fn(state, batch, fold_in(key, t))`` for t = t₀ … num_steps − 1, resuming from the latest checkpoint.
 
-    ``on_step(t + 1, state)`` runs after every ``every``-th step and after the last one (checkpoint
+    ``on_step(t + 1, state)`` runs after every ``on_step_every``-th step and after the last one (checkpoint
     selection on validation data); it may raise to stop the run (e.g. a pruned tuning trial).
 
     Returns:
@@ -633,7 +633,7 @@ def run_loop(config, directory: str, init_state, step_fn, data: dict, *, num_ste
                 save_checkpoint(os.path.join(directory, f"step_{t + 1}"), state, overwrite=True)
                 for old in _checkpoints(directory)[:-1]:
                     shutil.rmtree(os.path.join(directory, f"step_{old}"), ignore_errors=True)
-            if on_step is not None and ((every > 0 and (t + 1) % every == 0) or t + 1 == num_steps):
+            if on_step is not None and ((on_step_every > 0 and (t + 1) % on_step_every == 0) or t + 1 == num_steps):
                 on_step(t + 1, state)
             tick()
     return state, True
@@ -892,7 +892,7 @@ def train_method(config, method: str, seed: int, setup=None, report: Optional[Ca
                                num_steps=int(method_settings(config, method)[1]["steps"]),
                                batch_size=int(config.transfer.batch_size),
                                seed=1000 * seed + 17, desc=f"train {method} (seed {seed})",
-                               on_step=on_step, every=every)
+                               on_step=on_step, on_step_every=every)
     if not finished:
         return None, state, False
     if record["step"] is not None and record["step"] != int(state.step):

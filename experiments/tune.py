@@ -251,10 +251,11 @@ def run(config, argv=()) -> dict:
     prior = common.fit_prior(config, source)
     setups = {s: common.setup_transfer(config, s, prior, source) for s in opts["seeds"]}
     command = "python -m experiments.tune " + " ".join(a for a in argv[1:])
+    commit = _commit()  # of the code this process imported, not of the tree when a method finishes
     for method in opts["methods"]:
         record = tune_method(config, method, opts, setups)
         tuned[method] = record.pop("values")
-        records[method] = {**record, "command": command.strip(), "commit": _commit(),
+        records[method] = {**record, "command": command.strip(), "commit": commit,
                            "date": datetime.date.today().isoformat()}
         print(f"{method:15s} val NLL {record['val_nll']:.4f} (default {record['default_val_nll']}) "
               f"{json.dumps(tuned[method])}  [{record['trials']}, {record['wall_s'] / 60:.1f} min]", flush=True)

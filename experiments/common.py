@@ -1000,9 +1000,12 @@ def write_report(config, results: dict, wall_time: float) -> None:
         return f"{np.mean(vals):.4f}" + (f" ± {np.std(vals, ddof=1):.4f}" if len(vals) > 1 else "")
 
     seeds = sorted({s for r in results.values() for s in r})
+    n_test = int(target_data(config, seeds[0])["test_label"].shape[0])
     lines = [f"Transfer {config.data.source} → {config.data.target} ({config.data.k_shot}-shot, scheme "
              f"{config.transfer.scheme}), seeds {seeds}, wall time {wall_time / 60:.1f} min, "
-             f"S = {config.eval.num_samples} in-domain / {config.eval.corruption_num_samples} under shift.", "",
+             f"S = {config.eval.num_samples} in-domain ({n_test} test images) / "
+             f"{config.eval.corruption_num_samples} under shift; code {code_version()}; "
+             f"checkpoint selection {config.transfer.get('select', 'last')}. Mean ± std over seeds.", "",
              "| method | ACC ↑ | NLL ↓ | ECE ↓ | ACC (TS) | NLL (TS) | ECE (TS) | shift ACC ↑ | shift NLL ↓ "
              "| shift ECE ↓ | shift NLL (TS) | shift ECE (TS) |",
              "|---" * 12 + "|"]
@@ -1011,6 +1014,7 @@ def write_report(config, results: dict, wall_time: float) -> None:
         row += [cell(m, ("corruption_mean", "raw", x)) for x in ("acc", "nll", "ece")]
         row += [cell(m, ("corruption_mean", "ts", x)) for x in ("nll", "ece")]
         lines.append(f"| {m} | " + " | ".join(row) + " |")
+    lines += [""] + paired_report(results)
     with open(os.path.join(wd, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -1039,6 +1043,57 @@ def write_report(config, results: dict, wall_time: float) -> None:
         fig.tight_layout()
         fig.savefig(os.path.join(wd, "accuracy_vs_severity.png"), dpi=120)
         plt.close(fig)
+
+
+def code_version() -> str:
+    """``git describe``-like short commit of the code (``-dirty`` with uncommitted tracked changes)."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True, cwd=here).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def paired_report(results: dict) -> list[str]:
+    """Lines of results.md: FP-BMA minus every method, paired over seeds (95 % t interval), and claim 2(b)."""
+    from experiments import analysis
+
+    if analysis.REFERENCE not in results:
+        return []
+    metric_paths = {"acc": ("in_domain", "raw", "acc"), "nll": ("in_domain", "raw", "nll"),
+                    "shift acc": ("corruption_mean", "raw", "acc"), "shift nll": ("corruption_mean", "raw", "nll")}
+
+    def get(r, path):
+        for p in path:
+            r = r.get(p) if isinstance(r, dict) else None
+        return r
+
+    values = {name: {m: {s: get(r, path) for s, r in per.items() if get(r, path) is not None}
+                     for m, per in results.items()} for name, path in metric_paths.items()}
+    values = {k: v for k, v in values.items() if v.get(analysis.REFERENCE)}
+    tables = {k: analysis.paired_table(v, k.split()[-1]) for k, v in values.items()}
+    n = len(values["acc"][analysis.REFERENCE])
+    lines = [f"FP-BMA minus each method, paired over the {n} seeds: mean [95 % t interval]; "
+             "(+) FP-BMA better, (−) worse, (?) undecided.", "",
+             "| method | " + " | ".join(f"Δ {k.upper()}" for k in tables) + " |", "|---" * (len(tables) + 1) + "|"]
+    mark = {"better": "(+)", "worse": "(−)", "undecided": "(?)"}
+    for m in tables["acc"]:
+        cells = [f"{analysis.format_interval(t[m])} {mark[t[m]['comparison']]}" if m in t else "" for t in tables.values()]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    claim = analysis.claim_bma(values["acc"], values["nll"])
+    lines += ["", "Verdicts (rules: experiments/analysis.py; a claim holds when FP-BMA is better than more than half "
+              "of the other methods and worse than none, does not hold when it is worse than at least half):",
+              f"* Claim 2, FP-BMA's BMA is better: on accuracy **{claim['acc']['verdict']}**, on NLL "
+              f"**{claim['nll']['verdict']}** ({n} seeds).",
+              "* Claim 1 (approximate-Bayes posteriors are sharp) and the flatness half of claim 2 need the "
+              "Hessians: see flatness.md (`python -m experiments.flatness` with the same config)."]
+    return lines
 
 
 def run_pipeline(config, stage: str = "transfer") -> dict:

@@ -285,6 +285,38 @@ def claim_two(rows: dict) -> dict:
     return out
 
 
+def claims(per_method: dict) -> dict:
+    """The paper's two claims over seeds (:mod:`experiments.analysis`): claim 1 and claim 2(a) on the per-seed
+    log of the mean λ_max over samples, claim 2(b) on the BMA accuracy and NLL, all paired by seed."""
+    from experiments import analysis
+
+    log_lam = {m: {int(s): math.log(max(float(np.mean(r["lambda_max"])), 1e-30)) for s, r in per.items()}
+               for m, per in per_method.items()}
+    acc = {m: {int(s): r["bma"]["acc"] for s, r in per.items()} for m, per in per_method.items()}
+    nll = {m: {int(s): r["bma"]["nll"] for s, r in per.items()} for m, per in per_method.items()}
+    return {**analysis.claim_sharpness(log_lam), "claim2_bma": analysis.claim_bma(acc, nll)}
+
+
+def _claim_lines(c: dict) -> list:
+    from experiments import analysis
+
+    if not c.get("pairs"):
+        return []
+    lines = ["", "log λ_max of FP-BMA minus each method, paired over seeds: mean [95 % t interval] "
+             "(negative: FP-BMA flatter).", "", "| method | Δ log λ_max | FP-BMA is |", "|---|---|---|"]
+    word = {"better": "flatter", "worse": "sharper", "undecided": "undecided"}
+    for m, r in c["pairs"].items():
+        lines.append(f"| {m} | {analysis.format_interval(r)} | {word[r['comparison']]} |")
+    bma = c["claim2_bma"]
+    lines += ["", "Verdicts (rules: experiments/analysis.py):",
+              f"* Claim 1, approximate-Bayes posteriors ({', '.join(c['claim1']['pairs']) or 'none in this run'}) "
+              f"are sharper than FP-BMA's: **{c['claim1']['verdict']}**.",
+              f"* Claim 2, FP-BMA is flatter than its ablation vi: **{c['claim2_flatter_than_vi']['verdict']}**; "
+              f"its BMA is better than every other method's: on accuracy **{bma['acc']['verdict']}**, on NLL "
+              f"**{bma['nll']['verdict']}**."]
+    return lines
+
+
 def _pm(pair) -> str:
     return f"{pair[0]:.4g} ± {pair[1]:.2g}"
 
@@ -301,7 +333,7 @@ def table(config, payload: dict) -> str:
              f"per method, top-{k} eigenvalues by {opts['lanczos_iterations']} Lanczos steps, trace by "
              f"{opts['trace_probes']} Hutchinson probes; mean ± std over samples. BMA: the transfer run's "
              f"(S = {config.eval.num_samples}); flat / sharp: BMA of the {opts['num_samples'] // 2} samples with the "
-             f"smallest / largest λ_max. Wall time {payload['wall_time_s']:.0f} s.", "",
+             f"smallest / largest λ_max. Wall time {payload['wall_time_s']:.0f} s; code {payload.get('code', '?')}.", "",
              f"| method | λ_max ↓ | λ₁/{lk} | tr H ↓ | ACC ↑ | NLL ↓ | ECE ↓ | flat ACC | flat NLL | flat ECE "
              "| sharp ACC | sharp NLL | sharp ECE |",
              "|---" * 13 + "|"]
@@ -315,6 +347,8 @@ def table(config, payload: dict) -> str:
               f"{c2['flat_better_ece']}/{m}. Across methods: Spearman ρ(mean λ_max, BMA ACC) = "
               f"{c2['spearman_lambda_max_vs_bma_acc']:.2f}, ρ(mean λ_max, BMA NLL) = "
               f"{c2['spearman_lambda_max_vs_bma_nll']:.2f}."]
+    if "claims" in payload:
+        lines += _claim_lines(payload["claims"])
     return "\n".join(lines) + "\n"
 
 
@@ -372,8 +406,9 @@ def run(config) -> dict:
     rows = {m: summarize(per_method[m]) for m in methods}
     payload = {"config": config.to_dict(), "settings": opts, "seeds": list(seeds),
                "wall_time_s": time.perf_counter() - start, "devices": [str(d) for d in jax.devices()],
+               "code": common.code_version(),
                "methods": {m: {str(s): r for s, r in per.items()} for m, per in per_method.items()},
-               "summary": rows, "claim2": claim_two(rows)}
+               "summary": rows, "claim2": claim_two(rows), "claims": claims(per_method)}
     wd = config.workdir
     with open(os.path.join(wd, "flatness.json"), "w") as f:
         json.dump(payload, f, indent=1, default=str)

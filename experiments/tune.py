@@ -32,7 +32,6 @@ import json
 import math
 import os
 import pprint
-import subprocess
 import sys
 import time
 
@@ -181,19 +180,6 @@ def _default_value(study):
     return float(first.value) if first is not None and first.value is not None else None
 
 
-def _commit() -> str:
-    """The short commit of the code that ran, with ``-dirty`` when tracked files had uncommitted changes."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=here).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True, cwd=here).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("-dirty" if dirty else "")
-
-
 def read_tuned(path: str) -> tuple[dict, dict]:
     """``(TUNED, RECORDS)`` of a tuned config file (empty when it does not exist)."""
     if not os.path.exists(path):
@@ -251,7 +237,7 @@ def run(config, argv=()) -> dict:
     prior = common.fit_prior(config, source)
     setups = {s: common.setup_transfer(config, s, prior, source) for s in opts["seeds"]}
     command = "python -m experiments.tune " + " ".join(a for a in argv[1:])
-    commit = _commit()  # of the code this process imported, not of the tree when a method finishes
+    commit = common.code_version()  # of the code this process imported, not of the tree when a method finishes
     for method in opts["methods"]:
         record = tune_method(config, method, opts, setups)
         tuned[method] = record.pop("values")

@@ -249,9 +249,6 @@ def run(config, argv=()) -> dict:
     return records
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", common.config_help())
-
-
 def main(argv):
     from absl import logging
 
@@ -265,5 +262,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: the tests import this module next to others that define --config.
+    _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", common.config_help())
     common.check_command_line(sys.argv)
     app.run(main)

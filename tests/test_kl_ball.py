@@ -211,3 +211,41 @@ def test_bad_radius_rule_is_rejected_when_built():
         fpbma.fpbma(0.1, radius="exact")
     with pytest.raises(ValueError, match="radius_steps"):
         fpbma.perturb_in_kl_ball(0.1, radius_steps=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("radius", ["exact_kl", "second_order"])
+def test_mean_only_ball_moves_the_means_by_a_mahalanobis_step_exactly_on_the_ball(case, radius):
+    from tests.posterior_utils import dense_cov, ravel
+
+    with jax.enable_x64(True):
+        q = _posterior(case, 0)
+        g = _random_like(q, jax.random.PRNGKey(7))
+        for rho in (0.05, 2.0):
+            delta = fpbma.fisher_perturbation(q, g, rho, damping=1e-3, radius=radius, blocks="mean")
+            # Only the means move; the KL of a pure mean shift is ½ ΔμᵀΣ⁻¹Δμ, so the ball is met exactly.
+            for name in delta._fields[1:]:
+                assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree_util.tree_leaves(getattr(delta, name)))
+            assert _true_kl(q, delta) == pytest.approx(rho ** 2 / 2, rel=1e-6)
+            # Direction Σ g_μ with Σ the dense covariance built independently; length ρ/√(g_μᵀΣg_μ).
+            cov, g_mu = dense_cov(q), ravel(g.mean)
+            expected = rho * cov @ g_mu / np.sqrt(g_mu @ cov @ g_mu)
+            np.testing.assert_allclose(ravel(delta.mean), expected, rtol=1e-6, atol=1e-12)
+
+
+def test_mean_only_ball_is_a_documented_option_of_the_transform():
+    q = _posterior("ordinary", 0, dtype=jnp.float32)
+    loss = lambda q_: jnp.sum(q_.mean["body"] ** 2) + jnp.sum(jnp.exp(q_.log_std["head"]))  # noqa: E731
+    g = jax.grad(loss)(q)
+    tx = fpbma.perturb_in_kl_ball(0.5, damping=1e-3, blocks="mean")
+    seen = []
+    tx.update(g, tx.init(q), q, grad_fn=lambda p: seen.append(p) or jax.grad(loss)(p))
+    moved = jax.tree.map(jnp.subtract, seen[0], q)
+    np.testing.assert_allclose(jax.tree_util.tree_leaves(moved.mean)[0],
+                               jax.tree_util.tree_leaves(fpbma.fisher_perturbation(q, g, 0.5, 1e-3, blocks="mean").mean)[0],
+                               rtol=1e-3, atol=1e-8)  # float32: (θ + Δ) − θ loses the low bits of Δ
+    assert float(jnp.abs(moved.log_std["head"]).max()) == 0.0
+    with pytest.raises(ValueError, match=r"blocks='cov' is not a perturbation block choice; use one of \('all', 'mean'\)"):
+        fpbma.fpbma(0.1, blocks="cov")
+    with pytest.raises(ValueError, match="applies to the Fisher perturbation"):
+        fpbma.fpbma(0.1, perturbation="released", blocks="mean")

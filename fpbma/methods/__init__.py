@@ -281,6 +281,7 @@ def _probe_problem(num_data: int) -> Problem:
 from fpbma.methods._fpbma import FPBMA  # noqa: E402
 from fpbma.methods._vi import VI  # noqa: E402
 from fpbma.methods._fpbma_released import FPBMA_RELEASED  # noqa: E402
+from fpbma.methods._fpbma_mean import FPBMA_MEAN  # noqa: E402
 from fpbma.methods._sgd import SGD  # noqa: E402
 from fpbma.methods._sam import SAM  # noqa: E402
 from fpbma.methods._fsam import FSAM  # noqa: E402
@@ -292,5 +293,5 @@ from fpbma.methods._swag import SWAG  # noqa: E402
 from fpbma.methods._fswag import FSWAG  # noqa: E402
 from fpbma.methods._laplace import LAPLACE  # noqa: E402
 
-__all__ += ["FPBMA", "VI", "FPBMA_RELEASED", "SGD", "SAM", "FSAM", "BSAM", "MOPED", "SGLD", "EMCMC", "SWAG", "FSWAG",
+__all__ += ["FPBMA", "VI", "FPBMA_RELEASED", "FPBMA_MEAN", "SGD", "SAM", "FSAM", "BSAM", "MOPED", "SGLD", "EMCMC", "SWAG", "FSWAG",
             "LAPLACE"]

@@ -25,8 +25,9 @@ def _build(problem, hp, run):
 FPBMA = register(Method(
     "fpbma",
     defaults=dict(rho=0.05, momentum=0.9, damping=1e-3, covariance_lr_scale=0.1, weight_decay=0.0,
-                  natural_gradient=False, nesterov=False, radius="exact_kl", radius_steps=4),
+                  natural_gradient=False, nesterov=False, radius="exact_kl", radius_steps=4, blocks="all"),
     build=_build, shared=VARIATIONAL,
     search_space={"learning_rate": SEARCH_LEARNING_RATE, "rho": ("log_uniform", 0.01, 10.0),
                   "covariance_lr_scale": ("log_uniform", 0.01, 1.0), "weight_decay": SEARCH_WEIGHT_DECAY},
     summary="FP-BMA: the posterior trained in a KL ball of radius rho (nats^1/2) around it"))
+

@@ -23,7 +23,7 @@ from fpbma.methods._adapters import on_initial_posterior
 from fpbma.methods._fpbma import FPBMA
 
 # The released perturbation has no KL ball; damping only enters the optional natural-gradient step.
-_FISHER_FIELDS = ("radius", "radius_steps")
+_FISHER_FIELDS = ("radius", "radius_steps", "blocks")
 
 
 def _build(problem, hp, run):

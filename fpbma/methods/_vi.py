@@ -21,7 +21,7 @@ from fpbma.methods._adapters import on_initial_posterior
 from fpbma.methods._fpbma import FPBMA
 
 # FP-BMA's training fields without those of the perturbation.
-_PERTURBATION_FIELDS = ("rho", "radius", "radius_steps")
+_PERTURBATION_FIELDS = ("rho", "radius", "radius_steps", "blocks")
 
 
 def _build(problem, hp, run):

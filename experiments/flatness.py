@@ -390,6 +390,7 @@ def run(config) -> dict:
       (:func:`method_flatness`), per-method ``summary`` rows (:func:`summarize`) and ``claim2``.
     """
     opts = validate(config)
+    common.enable_compilation_cache(config)  # after validation: a bad config writes nothing
     start = time.perf_counter()
     methods, seeds = common.methods_of(config, "transfer"), common.seeds_of(config, "transfer")
     per_method: dict = {m: {} for m in methods}
@@ -430,7 +431,6 @@ def main(argv):
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint restore at INFO
     config = _CONFIG.value
-    common.enable_compilation_cache(config)
     try:
         run(config)
     except common.ConfigError as e:

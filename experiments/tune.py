@@ -233,6 +233,7 @@ def run(config, argv=()) -> dict:
     if not os.path.isdir(out_dir):
         raise common.ConfigError(f"config.tune.output={opts['output']!r}: folder {out_dir} does not exist.")
     tuned, records = read_tuned(opts["output"])
+    common.enable_compilation_cache(config)  # after validation: a bad config writes nothing
     source = common.pretrain(config)
     prior = common.fit_prior(config, source)
     setups = {s: common.setup_transfer(config, s, prior, source) for s in opts["seeds"]}
@@ -253,7 +254,6 @@ def main(argv):
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
-    common.enable_compilation_cache(_CONFIG.value)
     try:
         run(_CONFIG.value, argv=sys.argv)
     except common.ConfigError as e:

@@ -15,3 +15,15 @@ def tiny_config(workdir, corruptions: str = "none", **overrides):
             node = node[section]
         node[field] = value
     return c
+
+
+def first_table(md: str) -> list:
+    """The data rows of the first Markdown table of a report (results.md / flatness.md)."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("| "):
+            break
+        rows.append(line)
+    return rows

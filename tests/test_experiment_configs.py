@@ -24,6 +24,7 @@ import pytest
 import fpbma.data
 import fpbma.models
 from experiments import common
+from tests.experiment_utils import first_table
 
 CONFIGS = ("default", "tiny", "fashion_to_mnist", "efficientnet_digits", "cifar10_resnet18", "cifar100_vit_b16")
 
@@ -74,7 +75,7 @@ def test_fashion_to_mnist_end_to_end(tmp_path):
     c.eval.num_samples, c.eval.chunk_size, c.eval.batch_size = 2, 2, 256
     results = common.run_pipeline(c)
     assert set(results) == {"fpbma", "sgd"}
-    rows = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| ")][2:]
+    rows = first_table((tmp_path / "results.md").read_text())
     for row in rows:
         method = row.split("|")[1].strip()
         metrics = json.loads(open(os.path.join(common.method_dir(c, method, 0), "metrics.json")).read())

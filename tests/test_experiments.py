@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from experiments import common
-from tests.experiment_utils import tiny_config
+from tests.experiment_utils import first_table, tiny_config
 from fpbma import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +45,7 @@ def test_pipeline_writes_results_table_and_plots(pipeline):
         assert (wd / name).is_file() and (wd / name).stat().st_size > 0, name
     payload = json.loads((wd / "results.json").read_text())
     assert payload["wall_time_s"] > 0
-    table = (wd / "results.md").read_text().splitlines()
-    rows = {line.split("|")[1].strip(): line for line in table if line.startswith("| fpbma") or line.startswith("| sgd")}
+    rows = {line.split("|")[1].strip(): line for line in first_table((wd / "results.md").read_text())}
     assert set(rows) == {"fpbma", "sgd"}
     # The table's first column is the in-domain BMA accuracy of the JSON, rounded.
     for method, line in rows.items():
@@ -138,7 +137,7 @@ def test_bad_configs_fail_before_any_work(tmp_path, overrides, stage, message):
                                              "'rho', 'weight_decay', 'learning_rate', 'steps', 'schedule', "
                                              "'warmup_steps']"),
     ("--config.hparams.adamw.rho=0.1", "error: --config.hparams.adamw.rho: unknown method 'adamw'; the methods are "
-                                       "['fpbma', 'vi', 'fpbma_released', 'sgd'"),
+                                       "['fpbma', 'vi', 'fpbma_released', 'fpbma_mean', 'sgd'"),
     ("--config.rho=0.1", "error: --config.rho is gone"),
 ])
 def test_command_line_error_is_one_clear_message(tmp_path, flag, message):
@@ -192,6 +191,7 @@ def test_schedule_fields_are_per_method_and_keep_the_constant_digest(tmp_path):
                        if k not in ("learning_rate", "steps", "kl_weight", "schedule", "warmup_steps")}
     assert before.endswith(common._digest({"prior": common._stage_digest(config, "prior"), "transfer": transfer_fields,
                                            "target": config.data.target, "k": config.data.k_shot, "method": "sgd",
+                                           "test_from_train": config.data.test_from_train,
                                            "hparams": {**hp, **legacy}}))
     config.hparams.sgd.schedule, config.hparams.sgd.warmup_steps = "cosine", 2
     assert common.method_settings(config, "sgd")[1]["schedule"] == "cosine"

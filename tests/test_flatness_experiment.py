@@ -23,7 +23,7 @@ from jax.flatten_util import ravel_pytree
 
 from experiments import common
 from experiments import flatness as flat_exp
-from tests.experiment_utils import tiny_config
+from tests.experiment_utils import first_table, tiny_config
 from fpbma import bma
 from fpbma.types import SampleSet
 from fpbma.models import partition
@@ -56,8 +56,7 @@ def fpbma_samples(run):
 
 
 def _rows(md: str) -> dict:
-    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in md.splitlines() if line.startswith("| ") and not line.startswith("| method")}
+    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in first_table(md)}
 
 
 def test_writes_report_whose_numbers_are_the_json(run):

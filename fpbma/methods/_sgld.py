@@ -31,7 +31,7 @@ References:
 from __future__ import annotations
 
 from fpbma.baselines._sgld import csgld
-from fpbma.methods import SEARCH_LEARNING_RATE, Method, register
+from fpbma.methods import Method, register
 from fpbma.methods._adapters import langevin
 
 
@@ -48,6 +48,6 @@ def _build(problem, hp, run):
 SGLD = register(Method(
     "sgld", defaults=dict(n_cycle=4, exploration_ratio=0.8, temperature=1.0, seed=0, preconditioner="none",
                           precond_decay=0.99, precond_eps=1e-5),
-    build=_build, search_space={"learning_rate": SEARCH_LEARNING_RATE, "temperature": ("log_uniform", 1e-3, 1.0),
+    build=_build, search_space={"learning_rate": ("log_uniform", 1e-3, 0.5), "temperature": ("log_uniform", 1e-3, 1.0),
                                 "preconditioner": ("choice", ("none", "rmsprop"))},
     summary="cyclical SGLD (one sample per cycle at temperature T)"))

@@ -151,7 +151,11 @@ def tune_method(config, method: str, opts: dict, setups: dict) -> dict:
                 if trial.should_prune():
                     raise optuna.TrialPruned()
 
-            _, _, finished = common.train_method(c, method, seed, setups[seed], report=report)
+            try:
+                _, _, finished = common.train_method(c, method, seed, setups[seed], report=report)
+            except ValueError as e:  # no posterior at all (a sampler whose every step diverged): worst value
+                trial.set_user_attr("failed", str(e))
+                return 1e6
             if not finished:
                 raise RuntimeError("config.max_steps stopped a tuning trial; leave max_steps at -1 to tune.")
             record = common._read_json(os.path.join(common.method_dir(c, method, seed), "selection.json"), {})

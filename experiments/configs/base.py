@@ -1,4 +1,7 @@
-r"""The shared configuration of the transfer experiments (the offline MNIST → digits default).
+r"""The shared configuration of the transfer experiments: MNIST → digits with every method *untuned*.
+
+Untuned means the registry's defaults and one constant learning rate for every method;
+``experiments/configs/default.py`` adds the tuned values (``tuned_default.py``) and the cosine schedule.
 
     python -m experiments.transfer --config=experiments/configs/base.py
 

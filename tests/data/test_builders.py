@@ -78,6 +78,7 @@ def test_holdout_rule_is_last_fifth_of_each_class():
 
 
 def test_reload_reuses_prepared_data(data_dir):
+    fpbma.data.load("digits", "train", data_dir=data_dir)  # built here if no earlier test on this worker did
     version_dir = os.path.join(data_dir, "fpbma_digits", "1.0.0")
     before = {f: os.path.getmtime(os.path.join(version_dir, f)) for f in os.listdir(version_dir)}
     fpbma.data.load("digits", "train", data_dir=data_dir)

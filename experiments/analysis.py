@@ -47,7 +47,6 @@ APPROXIMATE_BAYES = ("vi", "moped", "bsam", "swag", "fswag", "sgld", "emcmc", "l
 
 REFERENCE = "fpbma"
 HIGHER_IS_BETTER = {"acc": True, "nll": False, "ece": False, "brier": False, "log_lambda_max": False}
-VERDICTS = ("holds", "does not hold", "undecided")
 
 
 def paired_interval(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict:
@@ -99,11 +98,6 @@ def majority_verdict(comparisons: Sequence[str]) -> str:
     return "undecided"
 
 
-def by_seed(values: Mapping[str, Mapping], metric_fn) -> dict:
-    """``{method: {seed: value}}`` from ``{method: {seed: result}}`` and ``metric_fn(result) -> float``."""
-    return {m: {int(s): float(metric_fn(r)) for s, r in per.items()} for m, per in values.items()}
-
-
 def paired_table(values: Mapping[str, Mapping[int, float]], metric: str, reference: str = REFERENCE) -> dict:
     """For every method ≠ ``reference``: the paired interval of reference − method over their common seeds."""
     if reference not in values:
@@ -138,12 +132,6 @@ def claim_sharpness(log_lambda: Mapping, reference: str = REFERENCE) -> dict:
                                        {"better": "holds", "worse": "does not hold"}.get(vi["comparison"], "undecided"),
                                        "pair": vi},
             "pairs": table}
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof 1; 0 for one value)."""
-    v = np.asarray(values, np.float64)
-    return float(np.mean(v)), float(np.std(v, ddof=1)) if v.size > 1 else 0.0
 
 
 def format_interval(iv: Mapping, digits: int = 3) -> str:

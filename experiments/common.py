@@ -965,6 +965,13 @@ def evaluate_method(config, method: str, seed: int, posterior, setup, corrupted=
 # Reporting.
 
 
+def _lookup(result: dict, path: tuple):
+    """``result[path[0]][path[1]]…``, or None where a key is missing (e.g. no corruption sweep)."""
+    for key in path:
+        result = result.get(key) if isinstance(result, dict) else None
+    return result
+
+
 def write_report(config, results: dict, wall_time: float) -> None:
     """``results.json``, ``results.md`` and PNG plots in the work dir."""
     import matplotlib
@@ -979,14 +986,7 @@ def write_report(config, results: dict, wall_time: float) -> None:
         json.dump(payload, f, indent=1, default=str)
 
     def values(method, path):
-        vals = []
-        for r in results[method].values():
-            v = r
-            for p in path:
-                v = v.get(p) if isinstance(v, dict) else None
-            if v is not None:
-                vals.append(v)
-        return vals
+        return [v for v in (_lookup(r, path) for r in results[method].values()) if v is not None]
 
     def mean(method, path):
         vals = values(method, path)
@@ -1069,12 +1069,7 @@ def paired_report(results: dict) -> list[str]:
     metric_paths = {"acc": ("in_domain", "raw", "acc"), "nll": ("in_domain", "raw", "nll"),
                     "shift acc": ("corruption_mean", "raw", "acc"), "shift nll": ("corruption_mean", "raw", "nll")}
 
-    def get(r, path):
-        for p in path:
-            r = r.get(p) if isinstance(r, dict) else None
-        return r
-
-    values = {name: {m: {s: get(r, path) for s, r in per.items() if get(r, path) is not None}
+    values = {name: {m: {s: v for s, v in ((s, _lookup(r, path)) for s, r in per.items()) if v is not None}
                      for m, per in results.items()} for name, path in metric_paths.items()}
     values = {k: v for k, v in values.items() if v.get(analysis.REFERENCE)}
     tables = {k: analysis.paired_table(v, k.split()[-1]) for k, v in values.items()}

@@ -206,7 +206,7 @@ def _check_blocks(blocks):
                          "('all': the paper's ball over every parameter of q, 'mean': the means only).")
 
 
-def _mean_block(q, g):
+def _mean_block(g):
     """``g`` with every block but the means zeroed (the ball restricted to the means)."""
     return type(g)(*[field if name == "mean" else jax.tree.map(jnp.zeros_like, field)
                      for name, field in zip(g._fields, g)])
@@ -273,7 +273,7 @@ def fisher_perturbation(q, g, rho, damping: float = 0.0, radius: str = "exact_kl
     _check_radius_rule(radius, radius_steps)
     _check_blocks(blocks)
     if blocks == "mean":
-        g = _mean_block(q, g)
+        g = _mean_block(g)
     direction = post.inverse_fisher_vp(q, g, damping)
     if radius == "second_order":
         return adversarial_perturbation(g, rho, direction)

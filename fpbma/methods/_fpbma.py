@@ -18,15 +18,18 @@ from fpbma.methods import SEARCH_LEARNING_RATE, SEARCH_WEIGHT_DECAY, VARIATIONAL
 from fpbma.methods._adapters import on_initial_posterior
 
 
-def _build(problem, hp, run):
-    return on_initial_posterior("fpbma", problem, transforms.fpbma(run.learning_rate, **hp), run.kl_weight)
+def build_named(name: str):
+    """The ``build`` of a method that trains :func:`fpbma.fpbma` with its hyperparameters (errors name ``name``)."""
+    def build(problem, hp, run):
+        return on_initial_posterior(name, problem, transforms.fpbma(run.learning_rate, **hp), run.kl_weight)
+    return build
 
 
 FPBMA = register(Method(
     "fpbma",
     defaults=dict(rho=0.05, momentum=0.9, damping=1e-3, covariance_lr_scale=0.1, weight_decay=0.0,
                   natural_gradient=False, nesterov=False, radius="exact_kl", radius_steps=4, blocks="all"),
-    build=_build, shared=VARIATIONAL,
+    build=build_named("fpbma"), shared=VARIATIONAL,
     search_space={"learning_rate": SEARCH_LEARNING_RATE, "rho": ("log_uniform", 0.01, 10.0),
                   "covariance_lr_scale": ("log_uniform", 0.01, 1.0), "weight_decay": SEARCH_WEIGHT_DECAY},
     summary="FP-BMA: the posterior trained in a KL ball of radius rho (nats^1/2) around it"))

@@ -15,17 +15,11 @@ Reference: Lim et al., "Flat Posterior Does Matter For Bayesian Model Averaging"
 
 from __future__ import annotations
 
-from fpbma import transforms
 from fpbma.methods import Method, register
-from fpbma.methods._adapters import on_initial_posterior
-from fpbma.methods._fpbma import FPBMA
-
-
-def _build(problem, hp, run):
-    return on_initial_posterior("fpbma_mean", problem, transforms.fpbma(run.learning_rate, **hp), run.kl_weight)
-
+from fpbma.methods._fpbma import FPBMA, build_named
 
 FPBMA_MEAN = register(Method(
-    "fpbma_mean", defaults={**FPBMA.defaults, "blocks": "mean"}, build=_build, shared=FPBMA.shared,
+    "fpbma_mean", defaults={**FPBMA.defaults, "blocks": "mean"}, build=build_named("fpbma_mean"),
+    shared=FPBMA.shared,
     search_space=FPBMA.search_space,
     summary="FP-BMA with the KL ball over the means only (a Mahalanobis-SAM step on the means)"))

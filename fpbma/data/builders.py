@@ -20,6 +20,8 @@ official 60,000 / 10,000 split.
 
 These builders use only ``tfds.features.Tensor`` and ``ClassLabel``, whose encoding is pure NumPy, so
 preparing them does not need TensorFlow.
+
+Each builder is registered in ``fpbma.data.registry`` under its ``load`` name (kind ``"offline"``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from fpbma.data import registry as _registry
 
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
@@ -234,3 +238,7 @@ OFFLINE_BUILDERS = {
     "digits": FpbmaDigits,
     "fashion_mnist": FpbmaFashionMnist,
 }
+
+for _name, _cls in OFFLINE_BUILDERS.items():
+    _registry.register(_name, _cls, kind="offline")
+del _name, _cls

@@ -5,6 +5,8 @@ All data goes through tensorflow-datasets' ``array_record`` random-access path
 
 Names:
 
+Datasets the project builds itself are resolved through ``fpbma.data.registry``:
+
 * ``"mnist"``, ``"digits"``, ``"fashion_mnist"``: the project's offline builders
   (TFDS names ``fpbma_mnist``, ``fpbma_digits``, ``fpbma_fashion_mnist``, see ``builders.py``). They
   prepare themselves on first load and are reused afterwards. TFDS's own full ``mnist`` /
@@ -34,10 +36,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from fpbma.data import builders as _builders
+from fpbma.data import builders as _builders  # noqa: F401  (registers the offline datasets)
+from fpbma.data import registry as _registry
+from fpbma.data import shifted as _shifted  # noqa: F401  (registers the corrupted sets)
 
-OFFLINE_DATASETS = tuple(_builders.OFFLINE_BUILDERS)
-SHIFTED_DATASETS = tuple(f"{name}_corrupted" for name in OFFLINE_DATASETS)
+# Snapshots of the registry at import; name resolution below always reads the registry itself.
+OFFLINE_DATASETS = _registry.names("offline")
+SHIFTED_DATASETS = _registry.names("shifted")
 PAPER_DATASETS = (
     "cifar10", "cifar100", "cifar10_corrupted",
     "oxford_iiit_pet", "oxford_flowers102", "eurosat", "dtd", "food101",
@@ -93,14 +98,16 @@ class DatasetMetadata:
 @dataclasses.dataclass(frozen=True)
 class _Resolved:
     kind: str  # "offline" | "shifted" | "tfds"
-    base: str  # key of the offline/shifted registry, or the TFDS name
+    base: str  # the clean offline dataset (also for a shifted one), or the TFDS name
     config: str | None
     name: str  # the name as given
+    key: str | None = None  # the registry name, for offline and shifted datasets
 
 
 def _unknown(name: str) -> ValueError:
+    known = _registry.names() + tuple(n for n in PAPER_DATASETS if n not in _registry.REGISTRY)
     return ValueError(
-        f"Unknown dataset {name!r}. Known datasets: {', '.join(KNOWN_DATASETS)}; "
+        f"Unknown dataset {name!r}. Known datasets: {', '.join(known)}; "
         "corrupted offline sets as '<base>_corrupted/<corruption>_<severity>'; any other TFDS dataset as "
         "'tfds:<name>'."
     )
@@ -114,35 +121,23 @@ def _resolve(name: str) -> _Resolved:
         base, _, config = full.partition("/")
         return _Resolved("tfds", base, config or None, name)
     base, _, config = name.partition("/")
-    if base in OFFLINE_DATASETS:
-        if config:
-            raise ValueError(f"{base!r} has no configs; use load({base!r}, split) without '/{config}'.")
-        return _Resolved("offline", base, None, name)
-    if base in ("fpbma_" + n for n in OFFLINE_DATASETS):
+    if base.startswith("fpbma_") and base[len("fpbma_"):] in _registry.names("offline"):
         return _resolve(base[len("fpbma_"):] + (f"/{config}" if config else ""))
-    if base in SHIFTED_DATASETS:
+    if base in _registry.REGISTRY:
+        entry = _registry.get(base)
+        if entry.kind == "offline":
+            if config:
+                raise ValueError(f"{base!r} has no configs; use load({base!r}, split) without '/{config}'.")
+            return _Resolved("offline", base, None, name, key=base)
         if not config:
             raise ValueError(
                 f"{base!r} needs a corruption and severity, e.g. '{base}/gaussian_noise_3' "
                 "(see fpbma.data.corruptions.CORRUPTIONS, severities 1-5)."
             )
-        return _Resolved("shifted", base[: -len("_corrupted")], config, name)
+        return _Resolved("shifted", entry.base, config, name, key=base)
     if base in PAPER_DATASETS:
         return _Resolved("tfds", base, config or None, name)
     raise _unknown(name)
-
-
-def _offline_builder(base: str, data_dir: str, builder_kwargs: Mapping[str, Any]):
-    cls = _builders.OFFLINE_BUILDERS[base]
-    return cls(data_dir=data_dir, file_format="array_record", **builder_kwargs)
-
-
-def _prepare_offline(builder) -> None:
-    if builder.is_prepared():
-        return
-    if hasattr(builder, "check_source"):
-        builder.check_source()  # fail with the install hint before TFDS writes anything
-    builder.download_and_prepare()
 
 
 def _tfds_builder(res: _Resolved, data_dir: str | None):
@@ -179,18 +174,15 @@ def _builder(name: str, data_dir: str | None, builder_kwargs: Mapping[str, Any] 
     res = _resolve(name)
     builder_kwargs = dict(builder_kwargs or {})
     if res.kind != "offline" and builder_kwargs:
-        raise ValueError(f"builder_kwargs {sorted(builder_kwargs)} are only accepted by {OFFLINE_DATASETS}.")
-    if res.kind == "offline":
-        builder = _offline_builder(res.base, data_dir or default_data_dir(), builder_kwargs)
+        raise ValueError(
+            f"builder_kwargs {sorted(builder_kwargs)} are only accepted by {_registry.names('offline')}.")
+    if res.kind in ("offline", "shifted"):
+        factory = _registry.get(res.key).factory
+        config = {} if res.kind == "offline" else {"config": res.config}
+        builder = factory(data_dir=data_dir or default_data_dir(), file_format="array_record",
+                          **config, **builder_kwargs)
         if prepare:
-            _prepare_offline(builder)
-        return res, builder
-    if res.kind == "shifted":
-        from fpbma.data import shifted
-
-        builder = shifted.corrupted_builder(res.base, res.config, data_dir or default_data_dir())
-        if prepare:
-            shifted.prepare(builder)
+            _registry.prepare_builder(builder)
         return res, builder
     builder, candidates = _tfds_builder(res, data_dir)
     if builder is None:

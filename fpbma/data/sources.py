@@ -3,9 +3,7 @@
 All data goes through tensorflow-datasets' ``array_record`` random-access path
 (``DatasetBuilder.as_data_source``), which needs no TensorFlow at run time.
 
-Names:
-
-Datasets the project builds itself are resolved through ``fpbma.data.registry``:
+Names (the datasets the project builds itself are looked up in ``fpbma.data.registry``):
 
 * ``"mnist"``, ``"digits"``, ``"fashion_mnist"``: the project's offline builders
   (TFDS names ``fpbma_mnist``, ``fpbma_digits``, ``fpbma_fashion_mnist``, see ``builders.py``). They

@@ -38,16 +38,13 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
-from ml_collections import config_flags
 
-from experiments import common
+from experiments import cli, config_checks, input_pipeline, models, pipeline, training, workdir
 from fpbma import bma, flatness, transfer
 from fpbma.models import partition
 
@@ -64,33 +61,33 @@ def settings(config) -> dict:
     given = given.to_dict() if hasattr(given, "to_dict") else dict(given or {})
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
-        raise common.ConfigError(f"config.flatness has unknown field(s) {unknown}; the fields are {sorted(DEFAULTS)}.")
+        raise config_checks.ConfigError(f"config.flatness has unknown field(s) {unknown}; the fields are {sorted(DEFAULTS)}.")
     out = {**DEFAULTS, **given}
     for name in DEFAULTS:
-        common._check_positive_int(out[name], f"flatness.{name}")
+        config_checks.check_positive_int(out[name], f"flatness.{name}")
     if out["num_samples"] < 2:
-        raise common.ConfigError(f"config.flatness.num_samples={out['num_samples']} must be >= 2 (the flattest and "
+        raise config_checks.ConfigError(f"config.flatness.num_samples={out['num_samples']} must be >= 2 (the flattest and "
                                  "the sharpest half of the samples are compared).")
     if out["trace_probes"] < 2:
-        raise common.ConfigError(f"config.flatness.trace_probes={out['trace_probes']} must be >= 2 (Hutchinson's "
+        raise config_checks.ConfigError(f"config.flatness.trace_probes={out['trace_probes']} must be >= 2 (Hutchinson's "
                                  "standard error needs two probes).")
     if out["lanczos_iterations"] < out["num_eigenvalues"]:
-        raise common.ConfigError(f"config.flatness.lanczos_iterations={out['lanczos_iterations']} must be >= "
+        raise config_checks.ConfigError(f"config.flatness.lanczos_iterations={out['lanczos_iterations']} must be >= "
                                  f"config.flatness.num_eigenvalues={out['num_eigenvalues']}.")
     return out
 
 
 def check_trained(config) -> None:
     """Every (method, seed) has its ``final`` checkpoint and ``metrics.json``; else one ConfigError."""
-    missing = [os.path.join(common.stage_dir(config, stage), "final") for stage in ("source", "prior")]
-    for seed in common.seeds_of(config, "transfer"):
-        for method in common.methods_of(config, "transfer"):
-            directory = common.method_dir(config, method, seed)
+    missing = [os.path.join(workdir.stage_dir(config, stage), "final") for stage in ("source", "prior")]
+    for seed in config_checks.seeds_of(config, "transfer"):
+        for method in config_checks.methods_of(config, "transfer"):
+            directory = workdir.method_dir(config, method, seed)
             missing += [os.path.join(directory, "final"), os.path.join(directory, "metrics.json")]
     missing = [p for p in missing if not os.path.exists(p)]
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-        raise common.ConfigError(
+        raise config_checks.ConfigError(
             f"the transfer pipeline has not trained and evaluated every method of this config: missing {shown}. "
             "Run `python -m experiments.transfer` with the same --config and overrides first (it reuses "
             "whatever is cached), then this command again.")
@@ -98,7 +95,7 @@ def check_trained(config) -> None:
 
 def validate(config) -> dict:
     """The transfer config's checks, the flatness settings and the trained checkpoints; returns the settings."""
-    common.validate(config, "transfer")
+    pipeline.validate(config, "transfer")
     out = settings(config)
     check_trained(config)
     return out
@@ -113,7 +110,7 @@ def mean_cross_entropy(apply_fn, extra, frozen, images, labels, subset):
     """The training loss as a function of the subset weights: ℓ(w_S) = (1/N) Σᵢ −log softmax(f(xᵢ; w_S ∪ w_F))_{yᵢ}.
 
     Args:
-      apply_fn: ``(variables, images) -> logits`` in eval mode (:func:`experiments.common.eval_apply`).
+      apply_fn: ``(variables, images) -> logits`` in eval mode (:func:`experiments.models.eval_apply`).
       extra: the other variable collections (BatchNorm ``batch_stats``), constants of the loss.
       frozen: the frozen weights w_F of this sample.
       images, labels: the few-shot training split (normalised images, integer labels).
@@ -146,7 +143,7 @@ def draw_samples(config, scheme, posterior, extra, seed: int) -> dict:
 
     Args:
       config: the transfer config (``flatness.num_samples``, ``transfer.sample_frozen``).
-      scheme, posterior, extra: from :func:`experiments.common.setup_transfer` / ``train_method``.
+      scheme, posterior, extra: from :func:`experiments.training.setup_transfer` / ``train_method``.
       seed: the transfer seed.
 
     Returns:
@@ -185,7 +182,7 @@ def bma_of(log_probs: np.ndarray, labels: np.ndarray, which) -> dict:
 # One method.
 
 
-def method_flatness(config, method: str, seed: int, setup, posterior) -> dict:
+def method_flatness(config, method: str, seed: int, run, posterior) -> dict:
     """λ₁ ≥ … ≥ λ_k and tr H at S samples of one trained posterior, and the BMA of its flattest / sharpest half.
 
     At each sample, H_s = ∇²_{w_S} ℓ(w_S; w_F) (:func:`mean_cross_entropy`) is only touched through
@@ -197,8 +194,8 @@ def method_flatness(config, method: str, seed: int, setup, posterior) -> dict:
     Args:
       config: the transfer config with its flatness settings (:func:`settings`).
       method, seed: which trained method; its ``metrics.json`` supplies the transfer run's BMA metrics.
-      setup: ``(data, model, extra, scheme)`` of :func:`experiments.common.setup_transfer`.
-      posterior: the method's trained posterior (``train_method(...)[0]``).
+      run: the :class:`experiments.training.TransferRun` of the seed.
+      posterior: the method's trained posterior (``train_method(...).posterior``).
 
     Returns:
       A JSON-ready dict: per-sample ``eigenvalues`` (S × k), ``lambda_max``, ``eigenvalue_ratio``,
@@ -206,9 +203,9 @@ def method_flatness(config, method: str, seed: int, setup, posterior) -> dict:
       ``all_samples`` / ``flattest_half`` / ``sharpest_half`` (indices and acc/nll/ece/brier).
     """
     opts = settings(config)
-    data, model, extra, scheme = setup
-    apply_fn = common.eval_apply(model)
-    images = jnp.asarray(common.normalise(data["train_image"]))
+    data, model, extra, scheme = run.data, run.model, run.extra, run.scheme
+    apply_fn = models.eval_apply(model)
+    images = jnp.asarray(input_pipeline.normalise(data["train_image"]))
     labels = jnp.asarray(data["train_label"])
     samples = draw_samples(config, scheme, posterior, extra, seed)
     subset, frozen = partition.split(samples["params"], scheme.scheme)
@@ -229,11 +226,11 @@ def method_flatness(config, method: str, seed: int, setup, posterior) -> dict:
         errs.append(tr.stderr)
     result = flatness.FlatnessResult(np.stack(eigs), np.asarray(traces), np.asarray(errs))
 
-    log_probs = sample_log_probs(config, apply_fn, samples, common.normalise(data["test_image"]))
+    log_probs = sample_log_probs(config, apply_fn, samples, input_pipeline.normalise(data["test_image"]))
     order = np.argsort(result.lambda_max, kind="stable")
     half = s_count // 2
     flat_idx, sharp_idx = np.sort(order[:half]), np.sort(order[-half:])
-    with open(os.path.join(common.method_dir(config, method, seed), "metrics.json")) as f:
+    with open(os.path.join(workdir.method_dir(config, method, seed), "metrics.json")) as f:
         transfer_metrics = json.load(f)
     return {
         "subset_size": int(partition.count(jax.tree.map(lambda x: x[0], subset))),
@@ -390,24 +387,25 @@ def run(config) -> dict:
       (:func:`method_flatness`), per-method ``summary`` rows (:func:`summarize`) and ``claim2``.
     """
     opts = validate(config)
-    common.enable_compilation_cache(config)  # after validation: a bad config writes nothing
+    workdir.enable_compilation_cache(config)  # after validation: a bad config writes nothing
     start = time.perf_counter()
-    methods, seeds = common.methods_of(config, "transfer"), common.seeds_of(config, "transfer")
+    methods, seeds = config_checks.methods_of(config, "transfer"), config_checks.seeds_of(config, "transfer")
     per_method: dict = {m: {} for m in methods}
     for seed in seeds:
-        setup = common.setup_transfer(config, seed)  # restores the source and the prior (check_trained)
+        run = training.setup_transfer(config, seed)  # restores the source and the prior (check_trained)
         for method in methods:
             t0 = time.perf_counter()
-            posterior, _, finished = common.train_method(config, method, seed, setup)
-            assert finished  # check_trained saw its final checkpoint
-            r = method_flatness(config, method, seed, setup, posterior)
+            trained = training.train_method(config, method, seed, run)
+            posterior = trained.posterior
+            assert trained.finished  # check_trained saw its final checkpoint
+            r = method_flatness(config, method, seed, run, posterior)
             per_method[method][seed] = r
             print(f"[seed {seed}] {method:8s} λ_max {_pm(r['summary']['lambda_max'])}  tr H "
                   f"{_pm(r['summary']['trace'])}  ({time.perf_counter() - t0:.0f}s)", flush=True)
     rows = {m: summarize(per_method[m]) for m in methods}
     payload = {"config": config.to_dict(), "settings": opts, "seeds": list(seeds),
                "wall_time_s": time.perf_counter() - start, "devices": [str(d) for d in jax.devices()],
-               "code": common.code_version(),
+               "code": workdir.code_version(),
                "methods": {m: {str(s): r for s, r in per.items()} for m, per in per_method.items()},
                "summary": rows, "claim2": claim_two(rows), "claims": claims(per_method)}
     wd = config.workdir
@@ -422,24 +420,16 @@ def run(config) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Command line.
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", common.config_help())
-
-
-def main(argv):
+def main(config, argv) -> None:
+    """``python -m experiments.flatness``: the stage, then ``flatness.md`` printed."""
     del argv
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint restore at INFO
-    config = _CONFIG.value
-    try:
-        run(config)
-    except common.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(config)
     with open(os.path.join(config.workdir, "flatness.md")) as f:
         print(f.read())
 
 
 if __name__ == "__main__":
-    common.check_command_line(sys.argv)
-    app.run(main)
+    cli.main(main)

@@ -4,26 +4,11 @@ r"""The whole pipeline: pre-train, SWAG prior, then every method × seed trained
     python -m experiments.transfer --config=experiments/configs/default.py --config.hparams.fpbma.rho=0.1
 
 Writes into ``config.workdir`` (default ``./workdir/transfer``); a killed run resumes from its last
-checkpoint. See :mod:`experiments.common` for the stages and the work-dir layout.
+checkpoint. See :mod:`experiments.pipeline` for the stages and :mod:`experiments.workdir` for the work-dir layout;
+``--workdir=DIR`` is the same as ``--config.workdir=DIR``.
 """
 
-from __future__ import annotations
-
-import sys
-
-from absl import app
-from ml_collections import config_flags
-
-from experiments import common
-
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", common.config_help())
-
-
-def main(argv):
-    del argv
-    common.run_cli("transfer", _CONFIG.value)
-
+from experiments import cli
 
 if __name__ == "__main__":
-    common.check_command_line(sys.argv)
-    app.run(main)
+    cli.stage_main("transfer")

@@ -35,10 +35,8 @@ import pprint
 import sys
 import time
 
-from absl import app
-from ml_collections import config_flags
 
-from experiments import common
+from experiments import cli, config_checks, pipeline, training, workdir
 from fpbma import methods
 
 _PRUNE_AFTER = 50  # steps of every trial before the pruner may stop it (two selection points at the default)
@@ -47,24 +45,24 @@ _PRUNE_AFTER = 50  # steps of every trial before the pruner may stop it (two sel
 def tune_settings(config) -> dict:
     """``config.tune`` with its defaults, validated (one ConfigError line naming the field and the fix)."""
     t = config.get("tune", None) or {}
-    opts = {"trials": int(t.get("trials", 16)), "seeds": common._items(t.get("seeds", (100,))),
-            "methods": common._items(t.get("methods", "")) or common.methods_of(config, "transfer"),
+    opts = {"trials": int(t.get("trials", 16)), "seeds": config_checks.items(t.get("seeds", (100,))),
+            "methods": config_checks.items(t.get("methods", "")) or config_checks.methods_of(config, "transfer"),
             "sampler_seed": int(t.get("sampler_seed", 0)), "startup_trials": int(t.get("startup_trials", 6)),
             "output": str(t.get("output", "experiments/configs/tuned_default.py"))}
     opts["seeds"] = tuple(int(s) for s in opts["seeds"])
-    common._check_positive_int(opts["trials"], "tune.trials")
+    config_checks.check_positive_int(opts["trials"], "tune.trials")
     unknown = [m for m in opts["methods"] if m not in methods.names()]
     if unknown:
-        raise common.ConfigError(f"config.tune.methods has unknown method(s) {unknown}; choose from "
+        raise config_checks.ConfigError(f"config.tune.methods has unknown method(s) {unknown}; choose from "
                                  f"{list(methods.names())}.")
-    clash = sorted(set(opts["seeds"]) & set(common.seeds_of(config, "transfer")))
+    clash = sorted(set(opts["seeds"]) & set(config_checks.seeds_of(config, "transfer")))
     if clash:
-        raise common.ConfigError(f"config.tune.seeds {list(opts['seeds'])} overlap the reported seeds "
+        raise config_checks.ConfigError(f"config.tune.seeds {list(opts['seeds'])} overlap the reported seeds "
                                  f"config.seeds at {clash}: tune on other seeds (e.g. --config.tune.seeds=100).")
     if not opts["seeds"]:
-        raise common.ConfigError("config.tune.seeds is empty; give at least one tuning seed, e.g. 100.")
+        raise config_checks.ConfigError("config.tune.seeds is empty; give at least one tuning seed, e.g. 100.")
     if not opts["output"].endswith(".py"):
-        raise common.ConfigError(f"config.tune.output={opts['output']!r} must be a .py file (a config module).")
+        raise config_checks.ConfigError(f"config.tune.output={opts['output']!r} must be a .py file (a config module).")
     return opts
 
 
@@ -86,7 +84,7 @@ def _in_space(value, spec: tuple) -> bool:
 def default_trial(config, method: str) -> dict:
     """The registry defaults (and the config's shared training fields) of the searched names, where in range."""
     m = methods.get(method)
-    _, shared = common.method_settings(_untuned(config, method), method)
+    _, shared = config_checks.method_settings(_untuned(config, method), method)
     values = {**m.defaults, **shared}
     return {k: values[k] for k, spec in m.search_space.items() if k in values and _in_space(values[k], spec)}
 
@@ -116,12 +114,12 @@ def study_digest(config, method: str, opts: dict) -> str:
     """What a study depends on (not the searched values, not the trial count): a changed one is a new study."""
     c = _untuned(config, method)
     m = methods.get(method)
-    return common._digest({"method": common.method_hash(c, method), "seeds": opts["seeds"],
+    return workdir.digest({"method": workdir.method_hash(c, method), "seeds": opts["seeds"],
                            "space": {k: list(map(str, v)) for k, v in m.search_space.items()},
                            "sampler_seed": opts["sampler_seed"], "startup": opts["startup_trials"]})
 
 
-def tune_method(config, method: str, opts: dict, setups: dict) -> dict:
+def tune_method(config, method: str, opts: dict, runs: dict) -> dict:
     """Runs (or resumes) the study of ``method`` up to ``opts['trials']`` finished trials; returns its record."""
     import optuna
     from optuna.storages import JournalStorage
@@ -139,7 +137,7 @@ def tune_method(config, method: str, opts: dict, setups: dict) -> dict:
         pruner=optuna.pruners.MedianPruner(n_startup_trials=opts["startup_trials"], n_warmup_steps=_PRUNE_AFTER))
     if not study.trials:
         study.enqueue_trial(default_trial(config, method))
-    steps = int(common.method_settings(config, method)[1]["steps"])
+    steps = int(config_checks.method_settings(config, method)[1]["steps"])
 
     def objective(trial):
         values = {k: _suggest(trial, k, spec) for k, spec in m.search_space.items()}
@@ -152,13 +150,13 @@ def tune_method(config, method: str, opts: dict, setups: dict) -> dict:
                     raise optuna.TrialPruned()
 
             try:
-                _, _, finished = common.train_method(c, method, seed, setups[seed], report=report)
+                finished = training.train_method(c, method, seed, runs[seed], report=report).finished
             except ValueError as e:  # no posterior at all (a sampler whose every step diverged): worst value
                 trial.set_user_attr("failed", str(e))
                 return 1e6
             if not finished:
                 raise RuntimeError("config.max_steps stopped a tuning trial; leave max_steps at -1 to tune.")
-            record = common._read_json(os.path.join(common.method_dir(c, method, seed), "selection.json"), {})
+            record = workdir.read_json(os.path.join(workdir.method_dir(c, method, seed), "selection.json"), {})
             scores.append(record.get("val_nll") or math.inf)
         score = float(sum(scores) / len(scores))
         return score if math.isfinite(score) else 1e6  # a diverged trial: worst value, not a failure
@@ -228,23 +226,23 @@ def write_tuned(path: str, tuned: dict, records: dict) -> None:
 
 def run(config, argv=()) -> dict:
     """Tunes every method of ``config.tune.methods``; writes ``config.tune.output``; returns the records."""
-    common.validate(config, "transfer")
+    pipeline.validate(config, "transfer")
     opts = tune_settings(config)
     for m in opts["methods"]:
         if not methods.get(m).search_space:
-            raise common.ConfigError(f"method {m!r} has no search_space to tune; leave it out of config.tune.methods.")
+            raise config_checks.ConfigError(f"method {m!r} has no search_space to tune; leave it out of config.tune.methods.")
     out_dir = os.path.dirname(os.path.abspath(opts["output"]))
     if not os.path.isdir(out_dir):
-        raise common.ConfigError(f"config.tune.output={opts['output']!r}: folder {out_dir} does not exist.")
+        raise config_checks.ConfigError(f"config.tune.output={opts['output']!r}: folder {out_dir} does not exist.")
     tuned, records = read_tuned(opts["output"])
-    common.enable_compilation_cache(config)  # after validation: a bad config writes nothing
-    source = common.pretrain(config)
-    prior = common.fit_prior(config, source)
-    setups = {s: common.setup_transfer(config, s, prior, source) for s in opts["seeds"]}
+    workdir.enable_compilation_cache(config)  # after validation: a bad config writes nothing
+    source = training.pretrain(config)
+    prior = training.fit_prior(config, source)
+    runs = {s: training.setup_transfer(config, s, prior, source) for s in opts["seeds"]}
     command = "python -m experiments.tune " + " ".join(a for a in argv[1:])
-    commit = common.code_version()  # of the code this process imported, not of the tree when a method finishes
+    commit = workdir.code_version()  # of the code this process imported, not of the tree when a method finishes
     for method in opts["methods"]:
-        record = tune_method(config, method, opts, setups)
+        record = tune_method(config, method, opts, runs)
         tuned[method] = record.pop("values")
         records[method] = {**record, "command": command.strip(), "commit": commit,
                            "date": datetime.date.today().isoformat()}
@@ -254,19 +252,14 @@ def run(config, argv=()) -> dict:
     return records
 
 
-def main(argv):
+def main(config, argv) -> None:
+    """``python -m experiments.tune``."""
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
-    try:
-        run(_CONFIG.value, argv=sys.argv)
-    except common.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    del argv  # absl's leftovers; the record keeps the whole command line
+    run(config, argv=sys.argv)
 
 
 if __name__ == "__main__":
-    # Defined here, not at import: the tests import this module next to others that define --config.
-    _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", common.config_help())
-    common.check_command_line(sys.argv)
-    app.run(main)
+    cli.main(main)

@@ -43,8 +43,7 @@ References:
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +52,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fpbma import posterior as post
-from fpbma import transforms
+from fpbma import transforms, types
 
 PyTree = Any
 
@@ -188,28 +187,10 @@ def pad_batch(batch: PyTree, multiple: int):
 # The train step.
 
 
-class TrainState(NamedTuple):
-    """What a training step carries.
-
-    Attributes:
-      params: θ — a posterior (:class:`fpbma.DiagGaussian` / :class:`fpbma.LowRankGaussian`) for
-        FP-BMA and VI, or a plain weight pytree for SGD/SAM-type methods.
-      opt_state: the optimizer's state.
-      model_state: non-trained model variables carried forward (e.g. ``{"batch_stats": ...}``),
-        ``{}`` if none.
-      step: int32 step counter (folded into the PRNG key, so every step draws fresh noise).
-    """
-
-    params: PyTree
-    opt_state: PyTree
-    model_state: PyTree
-    step: jax.Array
-
-    @classmethod
-    def create(cls, params, tx: optax.GradientTransformation, model_state=None) -> "TrainState":
-        """Step 0 with ``tx.init(params)`` and ``model_state`` (``{}`` when None)."""
-        return cls(params, tx.init(params), {} if model_state is None else model_state,
-                   jnp.zeros([], jnp.int32))
+TrainState = types.TrainState
+"""The one train state of the library (:class:`fpbma.types.TrainState`): ``params`` (θ — a posterior for
+FP-BMA and VI, plain weights for SGD/SAM-type methods), ``opt_state``, ``model_state`` (e.g.
+``{"batch_stats": ...}``, ``{}`` if none) and the int32 ``step`` folded into the PRNG key."""
 
 
 def _is_posterior(params) -> bool:
@@ -309,7 +290,7 @@ def make_train_step(
         num_skipped = _find_num_skipped(opt_state)
         if num_skipped is not None:
             metrics["num_skipped"] = num_skipped
-        return TrainState(params, opt_state, model_state, state.step + 1), metrics
+        return state._replace(params=params, opt_state=opt_state, model_state=model_state, step=state.step + 1), metrics
 
     return step
 
@@ -348,8 +329,11 @@ class _DataParallelStep:
 
 
 def make_data_parallel_step(step_fn: Callable, mesh: Mesh, donate: bool = True) -> _DataParallelStep:
-    """Jits ``step_fn(state, batch, key) -> (state, metrics)`` over ``mesh``: state replicated,
-    batch split over ``"data"``, state buffers donated.
+    """Jits ``step_fn(state, batch, key) -> outputs`` over ``mesh``: state replicated, batch split over
+    ``"data"``, state buffers donated, every output replicated.
+
+    ``outputs`` may be any pytree: ``(state, metrics)`` of :func:`make_train_step`, or the new state of a
+    method's :attr:`fpbma.types.Trainer.step` (what the experiment stages run).
 
     ``step_fn`` is the single-device step (:func:`make_train_step` without ``batch_axis_name``);
     since its loss is a mean over the global batch, XLA's SPMD partitioner averages gradients across
@@ -366,7 +350,7 @@ def make_data_parallel_step(step_fn: Callable, mesh: Mesh, donate: bool = True) 
     """
     _check_mesh(mesh)
     rep, shard = _replicated(mesh), _batch_sharding(mesh)
-    jitted = jax.jit(step_fn, in_shardings=(rep, shard, rep), out_shardings=(rep, rep),
+    jitted = jax.jit(step_fn, in_shardings=(rep, shard, rep), out_shardings=rep,
                      donate_argnums=(0,) if donate else ())
     return _DataParallelStep(jitted, mesh, mesh.devices.size)
 

@@ -55,21 +55,19 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 from jax.tree_util import Partial
 
 from fpbma import _trees, metrics
 from fpbma import posterior as post
-from fpbma.baselines._sgd import sgd as _sgd
-from fpbma.baselines._swag import swag, swag_posterior
+from fpbma.baselines._swag import swag_posterior
 from fpbma.models import partition
-from fpbma.types import HEAD, Problem, SampleSet, SubsetLaplace, Trainer, TrainState, sample_one
+from fpbma.types import HEAD, Problem, SubsetLaplace, Trainer, TrainState, sample_one
 
 PyTree = Any
 
 __all__ = [
     "HEAD", "TransferScheme", "TrainState", "Trainer", "SubsetLaplace",
-    "fit_swag_prior", "restrict", "make_scheme", "init_posterior", "init_point", "kl_to_prior",
+    "fit_swag_prior", "swag_prior_trainer", "restrict", "make_scheme", "init_posterior", "init_point", "kl_to_prior",
     "log_prior", "sample_frozen", "frozen_mean", "full_params", "sample_subset", "sample_weights",
     "make_problem", "make_trainer", "head_features", "cross_entropy",
 ]
@@ -86,48 +84,87 @@ _flat, _keep, _is_head, _split_head, _empty = (_trees.flat, _trees.keep, _trees.
 # The SWAG prior.
 
 
-def fit_swag_prior(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, batches, *,
-                   learning_rate: float = 0.01, momentum: float = 0.9, rank: int = 5, collect_every: int = 10,
-                   min_var: float = 1e-6, exclude_head: bool = True, progress: Optional[Callable] = None):
-    """A SWAG prior over pre-trained weights: SGD from ``params`` over ``batches``, collecting every c steps.
+def swag_prior_trainer(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, *, num_steps: int,
+                       learning_rate: float = 0.01, momentum: float = 0.9, rank: int = 5, collect_every: int = 10,
+                       min_var: float = 1e-6, exclude_head: bool = True) -> Trainer:
+    """The SWAG prior as a method's :class:`fpbma.types.Trainer`: the ``swag`` method from ``params``.
 
-    Every step is θ ← SGD(θ, ∇ loss_fn(θ, batch)); models after steps c, 2c, … give the moments w̄, \\overline{w²}
-    and the last K deviations (:func:`fpbma.baselines.swag`); the prior is
-    N(w̄, ½(diag max(σ², v_min) + D Dᵀ/(K − 1))). The floor v_min keeps the prior precision bounded for
-    coordinates that barely move (the KL and SGLD gradients scale with 1/σ²).
+    Every step is θ ← SGD-momentum(θ, ∇ loss_fn(θ, batch)) at a constant rate; the models after steps
+    c, 2c, … give the moments w̄, \\overline{w²} and the last K deviations (``swag`` with
+    ``swa_start_fraction = 0``); ``finalize`` returns N(w̄, ½(diag max(σ², v_min) + D Dᵀ/(K − 1))),
+    without the ``head`` when ``exclude_head``. The floor v_min keeps the prior precision bounded for
+    coordinates that barely move (the KL and SGLD gradients scale with 1/σ²). Being a trainer, the prior
+    fit runs in the same jitted, data-parallel, checkpointed loop as every other stage.
 
     Args:
       loss_fn: ``(params, batch) -> scalar`` source training loss.
       params: the pre-trained weights (``variables["params"]``).
-      batches: an iterable of batches; its length sets the number of steps (≥ 2c).
+      num_steps: the steps of the fit (≥ 2c, so at least two models are collected).
       learning_rate, momentum: SGD hyperparameters (a small constant rate, as SWAG's).
       rank: K ≥ 2.
       collect_every: c ≥ 1.
       min_var: v_min > 0.
       exclude_head: drop the source ``head`` from the prior (the target gets a new head).
+
+    Returns:
+      A :class:`fpbma.types.Trainer` whose ``finalize`` gives a :class:`fpbma.LowRankGaussian`.
+
+    >>> import jax.numpy as jnp
+    >>> loss = lambda p, batch: jnp.sum((p["w"] - batch) ** 2)
+    >>> trainer = swag_prior_trainer(loss, {"w": jnp.zeros(2)}, num_steps=4, rank=2, collect_every=2,
+    ...                              exclude_head=False)
+    >>> state = trainer.init()
+    >>> for t in range(4):
+    ...     state = trainer.step(state, jnp.ones(2) * t, None)
+    >>> trainer.finalize(state).mean["w"].shape
+    (2,)
+    """
+    from fpbma import methods
+
+    if int(num_steps) < 2 * int(collect_every):
+        raise ValueError(f"num_steps={num_steps} collects fewer than 2 SWAG models with collect_every="
+                         f"{collect_every}; use num_steps >= {2 * int(collect_every)}.")
+    problem = methods.plain_problem(lambda p, batch, key: loss_fn(p, batch), params, num_data=1)
+    base = methods.get("swag").trainer(problem, learning_rate=learning_rate, num_steps=int(num_steps),
+                                       momentum=momentum, weight_decay=0.0, collect_every=int(collect_every),
+                                       max_num_models=int(rank), swa_start_fraction=0.0)
+
+    def finalize(state):
+        q = swag_posterior(state.opt_state, min_var=min_var)
+        if exclude_head:
+            body, _ = _split_head(params)
+            q = restrict(q, body)
+        return q
+
+    return Trainer(base.init, base.step, finalize)
+
+
+def fit_swag_prior(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, batches, *,
+                   learning_rate: float = 0.01, momentum: float = 0.9, rank: int = 5, collect_every: int = 10,
+                   min_var: float = 1e-6, exclude_head: bool = True, progress: Optional[Callable] = None):
+    """A SWAG prior over pre-trained weights: :func:`swag_prior_trainer` run over ``batches``.
+
+    Args:
+      loss_fn: ``(params, batch) -> scalar`` source training loss.
+      params: the pre-trained weights (``variables["params"]``).
+      batches: a sized iterable of batches (e.g. a list); its length sets the number of steps (≥ 2c).
+      learning_rate, momentum, rank, collect_every, min_var, exclude_head: as in :func:`swag_prior_trainer`.
       progress: optional callable ``(step) -> None`` called after every step (progress bars).
 
     Returns:
       A :class:`fpbma.LowRankGaussian` over ``params`` (without ``head`` if ``exclude_head``).
     """
-    tx = swag(_sgd(learning_rate, momentum=momentum), swa_start=0, collect_every=collect_every,
-              max_num_models=rank)
-
-    @jax.jit
-    def step(p, state, batch):
-        updates, state = tx.update(jax.grad(loss_fn)(p, batch), state, p)
-        return optax.apply_updates(p, updates), state
-
-    p, state = params, tx.init(params)
+    batches = list(batches)
+    trainer = swag_prior_trainer(loss_fn, params, num_steps=len(batches), learning_rate=learning_rate,
+                                 momentum=momentum, rank=rank, collect_every=collect_every, min_var=min_var,
+                                 exclude_head=exclude_head)
+    step = jax.jit(trainer.step)
+    state, key = trainer.init(), jax.random.PRNGKey(0)
     for i, batch in enumerate(batches):
-        p, state = step(p, state, batch)
+        state = step(state, batch, key)
         if progress is not None:
             progress(i)
-    q = swag_posterior(state, min_var=min_var)
-    if exclude_head:
-        body, _ = _split_head(params)
-        q = restrict(q, body)
-    return q
+    return trainer.finalize(state)
 
 
 # ----------------------------------------------------------------------------------------------

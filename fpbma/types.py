@@ -65,6 +65,10 @@ class Problem(NamedTuple):
       head: the top-level key of ``init_params`` holding the new classifier head (it has no
         informative prior), or None.
       head_variance: α > 0, the initial variance of the head for methods that train a posterior.
+      model_state: the model's non-trained variables that training updates (e.g. ``{"batch_stats": ...}``
+        of BatchNorm in train mode), or None. When set, the loss is
+        ``loss(w, batch, key, model_state) -> (ℓ, new_model_state)`` and the state carries it; point
+        estimates (SGD, SAM, SWAG, ...) support it, the other methods raise.
     """
 
     loss: LossFn
@@ -77,6 +81,7 @@ class Problem(NamedTuple):
     labels: Optional[jax.Array] = None
     head: Optional[str] = HEAD
     head_variance: float = 1e-4
+    model_state: Any = None
 
 
 class TrainState(NamedTuple):
@@ -88,13 +93,30 @@ class TrainState(NamedTuple):
       opt_state: the optimizer state.
       samples: collection buffer (leaves ``(M, ...)``) for samplers, ``()`` otherwise.
       num_collected: int32 samples written into ``samples``.
+      model_state: non-trained model variables carried forward (e.g. ``{"batch_stats": ...}``), ``{}``
+        if none.
+
+    Every training loop of the library carries this one state: the methods' trainers
+    (:mod:`fpbma.methods`), :func:`fpbma.parallel.make_train_step` and the experiment stages.
+
+    >>> import optax
+    >>> state = TrainState.create({"w": jnp.zeros(3)}, optax.sgd(0.1))
+    >>> int(state.step), state.model_state
+    (0, {})
     """
 
     step: jax.Array
     params: PyTree
     opt_state: PyTree
-    samples: PyTree
-    num_collected: jax.Array
+    samples: PyTree = ()
+    num_collected: jax.Array = 0
+    model_state: PyTree = {}
+
+    @classmethod
+    def create(cls, params, tx, model_state=None, samples=()) -> "TrainState":
+        """Step 0: ``params``, ``tx.init(params)``, ``model_state`` (``{}`` when None) and ``samples``."""
+        return cls(jnp.zeros([], jnp.int32), params, tx.init(params), samples, jnp.zeros([], jnp.int32),
+                   {} if model_state is None else model_state)
 
 
 class Trainer(NamedTuple):

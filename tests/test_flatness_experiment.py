@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from experiments import common
+from experiments import config_checks, input_pipeline, pipeline as stages, training, workdir as layout
 from experiments import flatness as flat_exp
 from tests.experiment_utils import first_table, tiny_config
 from fpbma import bma
@@ -40,7 +40,7 @@ def _config(workdir, **overrides):
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("flatness")
     config = _config(workdir)
-    common.run_pipeline(config)
+    stages.run_pipeline(config)
     payload = flat_exp.run(config)
     return config, payload
 
@@ -49,10 +49,11 @@ def run(tmp_path_factory):
 def fpbma_samples(run):
     """The transfer setup of seed 0 and the S samples of FP-BMA's posterior the flatness stage measured."""
     config, _ = run
-    setup = common.setup_transfer(config, 0)
-    posterior, _, finished = common.train_method(config, "fpbma", 0, setup)
+    setup = training.setup_transfer(config, 0)
+    trained = training.train_method(config, "fpbma", 0, setup)
+    posterior, finished = trained.posterior, trained.finished
     assert finished
-    return setup, flat_exp.draw_samples(config, setup[3], posterior, setup[2], 0)
+    return setup, flat_exp.draw_samples(config, setup.scheme, posterior, setup.extra, 0)
 
 
 def _rows(md: str) -> dict:
@@ -77,7 +78,7 @@ def test_writes_report_whose_numbers_are_the_json(run):
         expected = [r[part][m] for part in ("bma", "flattest_half", "sharpest_half") for m in ("acc", "nll", "ece")]
         np.testing.assert_allclose(values, expected, atol=5e-5)
         # The BMA columns are the transfer run's own metrics.
-        with open(os.path.join(common.method_dir(config, method, 0), "metrics.json")) as f:
+        with open(os.path.join(layout.method_dir(config, method, 0), "metrics.json")) as f:
             raw = json.load(f)["in_domain"]["raw"]
         assert r["bma"] == {m: pytest.approx(raw[m]) for m in ("acc", "nll", "ece")}
         # Pooled over the one seed, the summary is the mean / std of the per-sample values.
@@ -106,7 +107,7 @@ def test_lambda_max_and_trace_match_the_explicit_hessian(run, fpbma_samples):
     subset, rest = partition.split(variables["params"], scheme.scheme)
     flat, unravel = ravel_pytree(subset)
     assert flat.size == r["subset_size"]
-    images = common.normalise(data["train_image"])
+    images = input_pipeline.normalise(data["train_image"])
     labels = np.asarray(data["train_label"])
 
     def loss(w_flat):  # the mean training cross-entropy, eval-mode BatchNorm, over the flattened subset
@@ -138,7 +139,7 @@ def test_flattest_half_bma_uses_the_samples_with_smallest_lambda_max(run, fpbma_
                       ("all_samples", list(range(NUM_SAMPLES)))):
         chosen = SampleSet(jax.tree.map(lambda x, idx=idx: x[np.asarray(idx)], samples))
         lp = bma.predict_samples(lambda w, x: model.apply(w, x, train=False), chosen,
-                                 common.normalise(data["test_image"]))
+                                 input_pipeline.normalise(data["test_image"]))
         expected = bma.evaluate(lp, labels)
         for m in ("acc", "nll", "ece"):
             assert r[part][m] == pytest.approx(expected[m], rel=1e-4, abs=1e-6), (part, m)
@@ -147,7 +148,7 @@ def test_flattest_half_bma_uses_the_samples_with_smallest_lambda_max(run, fpbma_
 def test_missing_transfer_checkpoints_fail_before_any_work(tmp_path, run):
     # A work dir the transfer pipeline never saw: nothing is created.
     fresh = tmp_path / "wd"
-    with pytest.raises(common.ConfigError, match=r"Run `python -m experiments.transfer` with the same --config"):
+    with pytest.raises(config_checks.ConfigError, match=r"Run `python -m experiments.transfer` with the same --config"):
         flat_exp.run(_config(fresh))
     assert not fresh.exists()
     # The trained work dir, but a method the transfer run did not train: the error names it, nothing is written.
@@ -155,7 +156,7 @@ def test_missing_transfer_checkpoints_fail_before_any_work(tmp_path, run):
     wd = Path(config.workdir)
     before = {p: p.stat().st_mtime_ns for p in wd.rglob("*")}
     bad = _config(wd, methods=("fpbma", "sgd", "sam"))
-    with pytest.raises(common.ConfigError, match=r"missing .*sam-"):
+    with pytest.raises(config_checks.ConfigError, match=r"missing .*sam-"):
         flat_exp.run(bad)
     assert {p: p.stat().st_mtime_ns for p in wd.rglob("*")} == before
 
@@ -169,7 +170,7 @@ def test_missing_transfer_checkpoints_fail_before_any_work(tmp_path, run):
 def test_bad_flatness_settings_fail_before_any_work(tmp_path, field, value, message):
     config = _config(tmp_path / "wd")
     config.flatness[field] = value
-    with pytest.raises(common.ConfigError, match=message):
+    with pytest.raises(config_checks.ConfigError, match=message):
         flat_exp.run(config)
     assert not (tmp_path / "wd").exists()
 

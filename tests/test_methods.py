@@ -192,34 +192,36 @@ def toy_method():
 
 def test_a_method_registered_in_a_test_file_trains_and_evaluates_through_the_experiments(toy_method, tmp_path,
                                                                                          capsys):
-    from experiments import common
+    from experiments import cli, config_checks, training
+    from experiments import pipeline as stages, workdir as layout
     from tests.experiment_utils import tiny_config
 
     # The config derives config.hparams.toy from the registry; shrink = 0 keeps the start exactly.
     config = tiny_config(tmp_path / "wd", method="toy", **{"hparams.toy.shrink": 0.0})
     assert config.hparams.toy.to_dict() == {"shrink": 0.0, "scale": 0.1, "learning_rate": None, "steps": None}
     assert tiny_config(tmp_path / "other").hparams.toy.shrink == 0.5
-    common.pretrain(config)
-    common.fit_prior(config)
-    common.run_cli("train", config)
+    training.pretrain(config)
+    training.fit_prior(config)
+    cli.run_cli("train", config)
     assert capsys.readouterr().out.strip().endswith(f"toy: {config.transfer.steps} steps")
-    common.run_cli("evaluate", config)  # BMA over the new result type: transfer.sample_subset → _Jitter.sample
+    cli.run_cli("evaluate", config)  # BMA over the new result type: transfer.sample_subset → _Jitter.sample
     metrics = json.loads(capsys.readouterr().out)["in_domain"]["raw"]
     seed = int(config.seed)
-    setup = common.setup_transfer(config, seed)
-    posterior, state, finished = common.train_method(config, "toy", seed, setup)
+    setup = training.setup_transfer(config, seed)
+    trained = training.train_method(config, "toy", seed, setup)
+    posterior, state, finished = trained.posterior, trained.state, trained.finished
     assert finished and int(state.step) == config.transfer.steps
-    _equal(state.params, transfer.init_point(setup[3]))
+    _equal(state.params, transfer.init_point(setup.scheme))
     assert isinstance(posterior, _Jitter) and float(posterior.scale) == pytest.approx(0.1)
-    lp = np.load(os.path.join(common.method_dir(config, "toy", seed), "test_log_probs.npy"))
-    labels = setup[0]["test_label"]
+    lp = np.load(os.path.join(layout.method_dir(config, "toy", seed), "test_log_probs.npy"))
+    labels = setup.data["test_label"]
     assert metrics["acc"] == pytest.approx(float(np.mean(np.argmax(lp, -1) == labels)))
     # draw() stacks n draws of the new type: mean ≈ the point, spread ≈ scale.
     w = types.draw(posterior, jax.random.PRNGKey(0), 2000)["head"]["kernel"]
     np.testing.assert_allclose(np.std(np.asarray(w), 0), 0.1, rtol=0.1)
-    with pytest.raises(common.ConfigError, match=r"config.hparams.toy: method 'toy' has no hyperparameter\(s\) "
+    with pytest.raises(config_checks.ConfigError, match=r"config.hparams.toy: method 'toy' has no hyperparameter\(s\) "
                                                  r"\['rate'\]; its hyperparameters are \['scale', 'shrink'\]"):
-        common.validate(tiny_config(tmp_path / "wd", method="toy", **{"hparams.toy.rate": 1.0}), "train")
+        stages.validate(tiny_config(tmp_path / "wd", method="toy", **{"hparams.toy.rate": 1.0}), "train")
 
 
 def test_every_baseline_constructor_is_a_registered_method():

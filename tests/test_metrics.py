@@ -1,6 +1,5 @@
 """Metrics against hand computations on small arrays."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """Every notebook executes top to bottom in QUICK mode (FPBMA_QUICK=1), as CI runs them."""
 
-import os
 import pathlib
 
 import nbformat

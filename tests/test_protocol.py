@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 import fpbma.data
-from experiments import common, tune
+from experiments import config_checks, evaluation, input_pipeline, training, tune
+from experiments import pipeline as stages, workdir as layout
+from fpbma import methods
 from tests.experiment_utils import tiny_config
 
 
@@ -37,10 +39,10 @@ def test_held_out_train_images_join_the_test_set_and_never_the_few_shot_draws(tm
     c = tiny_config(tmp_path)
     c.data.test_from_train = 0.45
     train_src = fpbma.data.load("digits", "train")
-    held = fpbma.data.stratified_holdout(train_src, 0.45, common._HOLDOUT_SEED)
+    held = fpbma.data.stratified_holdout(train_src, 0.45, input_pipeline.HOLDOUT_SEED)
     test_src = fpbma.data.load("digits", "test")
     for seed in (0, 1):
-        data = common.target_data(c, seed)
+        data = input_pipeline.target_data(c, seed)
         assert data["test_label"].shape == (len(test_src) + held.size,)  # 355 + 653 = 1,008
         np.testing.assert_array_equal(data["test_label"][len(test_src):], train_src.labels[held])
         # No few-shot image (train or validation) is one of the held-out test images.
@@ -51,45 +53,46 @@ def test_held_out_train_images_join_the_test_set_and_never_the_few_shot_draws(tm
     # The share changes the training draw, so it is part of every method's digest.
     other = tiny_config(tmp_path)
     other.data.test_from_train = 0.0
-    assert common.method_hash(c, "sgd") != common.method_hash(other, "sgd")
+    assert layout.method_hash(c, "sgd") != layout.method_hash(other, "sgd")
     c.data.test_from_train = 1.0
-    with pytest.raises(common.ConfigError, match=r"test_from_train=1.0 must lie in \[0, 1\)"):
-        common.validate(c, "transfer")
+    with pytest.raises(config_checks.ConfigError, match=r"test_from_train=1.0 must lie in \[0, 1\)"):
+        stages.validate(c, "transfer")
 
 
 def test_selection_returns_the_state_of_the_lowest_recorded_validation_nll(tmp_path):
     c = tiny_config(tmp_path, **{"transfer.select_every": 2, "transfer.steps": 6})
-    common.pretrain(c)
-    common.fit_prior(c)
-    setup = common.setup_transfer(c, 0)
+    training.pretrain(c)
+    training.fit_prior(c)
+    setup = training.setup_transfer(c, 0)
     seen = []
-    posterior, state, finished = common.train_method(c, "sgd", 0, setup, report=lambda s, v: seen.append((s, v)))
+    trained = training.train_method(c, "sgd", 0, setup, report=lambda s, v: seen.append((s, v)))
+    posterior, state, finished = trained.posterior, trained.state, trained.finished
     assert finished
-    record = json.load(open(os.path.join(common.method_dir(c, "sgd", 0), "selection.json")))
+    record = json.load(open(os.path.join(layout.method_dir(c, "sgd", 0), "selection.json")))
     curve = [(s, v) for s, v in record["curve"]]
     assert [s for s, _ in curve] == [2, 4, 6] and seen == [(s, v) for s, v in curve]
     best_step, best_nll = min(curve, key=lambda p: p[1])
     assert record["step"] == best_step == int(state.step)
-    trainer = common.make_method_trainer(c, "sgd", setup[1], setup[2], setup[3], setup[0])
-    recomputed = common.validation_nll(c, trainer, state, setup, 0, int(c.transfer.select_samples))
+    trainer = training.make_method_trainer(c, "sgd", setup)
+    recomputed = evaluation.validation_nll(c, trainer, state, setup, int(c.transfer.select_samples))
     assert recomputed == pytest.approx(best_nll, rel=1e-6)
     # "last" keeps the final step whatever the curve.
     last = tiny_config(tmp_path / "last", **{"transfer.select": "last", "transfer.steps": 6})
     last.workdir = c.workdir
-    _, state_last, _ = common.train_method(last, "sgd", 0, setup)
+    state_last = training.train_method(last, "sgd", 0, setup).state
     assert int(state_last.step) == 6
     bad = tiny_config(tmp_path, **{"transfer.select": "best"})
-    with pytest.raises(common.ConfigError, match=r"transfer.select='best'; choose one of \('val_nll', 'last'\)"):
-        common.validate(bad, "transfer")
+    with pytest.raises(config_checks.ConfigError, match=r"transfer.select='best'; choose one of \('val_nll', 'last'\)"):
+        stages.validate(bad, "transfer")
 
 
 def test_validation_nll_is_infinite_before_a_sampler_has_a_sample(tmp_path):
     c = tiny_config(tmp_path, **{"methods": ("sgld",)})
-    common.pretrain(c)
-    common.fit_prior(c)
-    setup = common.setup_transfer(c, 0)
-    trainer = common.make_method_trainer(c, "sgld", setup[1], setup[2], setup[3], setup[0])
-    assert common.validation_nll(c, trainer, trainer.init(), setup, 0, 2) == math.inf
+    training.pretrain(c)
+    training.fit_prior(c)
+    setup = training.setup_transfer(c, 0)
+    trainer = training.make_method_trainer(c, "sgld", setup)
+    assert evaluation.validation_nll(c, trainer, trainer.init(), setup, 2) == math.inf
 
 
 def test_tune_writes_the_best_trial_of_its_journal_and_resumes(tmp_path):
@@ -100,7 +103,7 @@ def test_tune_writes_the_best_trial_of_its_journal_and_resumes(tmp_path):
     records = tune.run(c, argv=["tune", "--config.tune.trials=3"])
     tuned, saved = tune.read_tuned(str(out))
     assert saved == records and set(tuned) == {"sgd"}
-    space = common.methods.get("sgd").search_space
+    space = methods.get("sgd").search_space
     assert set(tuned["sgd"]) == set(space)
     assert 1e-3 <= tuned["sgd"]["learning_rate"] <= 1e-1 and tuned["sgd"]["weight_decay"] in (0.0, 1e-4, 5e-4)
     journal = [f for f in os.listdir(tmp_path / "tune") if f.startswith("sgd-")]
@@ -131,6 +134,6 @@ def test_tune_writes_the_best_trial_of_its_journal_and_resumes(tmp_path):
 ])
 def test_bad_tune_configs_fail_with_one_line_before_any_work(tmp_path, overrides, message):
     c = tiny_config(tmp_path, **overrides)
-    with pytest.raises(common.ConfigError, match=message):
+    with pytest.raises(config_checks.ConfigError, match=message):
         tune.run(c)
     assert not os.path.exists(os.path.join(c.workdir, "tune"))

@@ -3,7 +3,6 @@
 import pathlib
 import re
 
-import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

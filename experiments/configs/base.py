@@ -117,6 +117,7 @@ def get_config():
     c.eval.corrupted_dataset = ""    # a prepared TFDS set such as "tfds:cifar10_corrupted" instead of our corruptions
 
     c.compilation_cache = True       # JAX's persistent compilation cache in <workdir>/jax_cache
+    c.distributed = False            # jax.distributed.initialize() first: one process per host, all hosts' devices
 
     c.tune = ml_collections.ConfigDict()  # experiments.tune (not part of the main job)
     c.tune.trials = 16               # finished (complete or pruned) trials per method

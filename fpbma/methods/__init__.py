@@ -255,8 +255,11 @@ def names() -> tuple:
 
 def plain_problem(loss_fn: LossFn, params, num_data: int, *, posterior=None, kl=None, log_prior=None,
                   features=None, labels=None, head: Optional[str] = HEAD, head_variance: float = 1e-4,
-                  rank: int = 2) -> Problem:
+                  rank: int = 2, model_state=None) -> Problem:
     """A :class:`fpbma.types.Problem` for a user's own loss ``loss_fn(params, batch, key)`` and loop.
+
+    With ``model_state`` (e.g. BatchNorm statistics updated in train mode) the loss is
+    ``loss_fn(params, batch, key, model_state) -> (loss, new_model_state)`` (point estimates only).
 
     Methods that train a posterior start from ``posterior``, by default the point ``params`` as a
     :class:`fpbma.LowRankGaussian` with variance α = ``head_variance`` and ``rank`` zero deviation columns.
@@ -267,7 +270,8 @@ def plain_problem(loss_fn: LossFn, params, num_data: int, *, posterior=None, kl=
             mean=params, log_std=jax.tree.map(lambda x: jnp.full(jnp.shape(x), half_log, jnp.float32), params),
             cov_factor=jax.tree.map(lambda x: jnp.zeros((rank,) + jnp.shape(x), jnp.float32), params))
     return Problem(loss=loss_fn, init_params=params, num_data=int(num_data), init_posterior=posterior, kl=kl,
-                   log_prior=log_prior, features=features, labels=labels, head=head, head_variance=head_variance)
+                   log_prior=log_prior, features=features, labels=labels, head=head, head_variance=head_variance,
+                   model_state=model_state)
 
 
 def _probe_problem(num_data: int) -> Problem:

@@ -42,21 +42,31 @@ def _all_finite(tree) -> jax.Array:
 
 
 def trainer(init_params, tx: optax.GradientTransformation, update: Callable, finalize: Callable,
-            buffer=()) -> Trainer:
-    """A :class:`Trainer` from ``update(state, batch, key) -> (params, opt_state, samples, num_collected)``."""
+            buffer=(), model_state=None) -> Trainer:
+    """A :class:`Trainer` from ``update(state, batch, key) -> (params, opt_state, samples, num_collected)``
+    (``model_state`` not None: ``update`` returns a fifth entry, the new model state)."""
 
     def init():
-        return TrainState(jnp.zeros([], jnp.int32), init_params, tx.init(init_params), buffer,
-                          jnp.zeros([], jnp.int32))
+        return TrainState.create(init_params, tx, model_state, buffer)
 
     def step(state, batch, key):
-        new = update(state, batch, key)
+        new = tuple(update(state, batch, key))
+        if len(new) == 4:
+            new = new + (state.model_state,)
         # One conditional rather than a select per leaf (which ties every output to both branches).
         new = jax.lax.cond(_all_finite(new[0]), lambda: new,
-                           lambda: (state.params, state.opt_state, state.samples, state.num_collected))
+                           lambda: (state.params, state.opt_state, state.samples, state.num_collected,
+                                    state.model_state))
         return TrainState(state.step + 1, *new)
 
     return Trainer(init, step, finalize)
+
+
+def _without_model_state(name: str, problem: Problem) -> None:
+    if problem.model_state is not None:
+        raise ValueError(f"method {name!r} does not carry model state (problem.model_state is set); train "
+                         "BatchNorm-in-train-mode models with a point estimate (sgd, sam, swag, ...) or fix the "
+                         "statistics in the loss.")
 
 
 def variational(problem: Problem, q0, kl_fn: Callable, tx: optax.GradientTransformation,
@@ -68,6 +78,7 @@ def variational(problem: Problem, q0, kl_fn: Callable, tx: optax.GradientTransfo
     reparameterisation noise ε and the key of ℓ (the same in every gradient
     of the step, so sharpness-aware passes differ only by their perturbation).
     """
+    _without_model_state("variational", problem)
     n = int(problem.num_data)
     tx = optax.with_extra_args_support(tx)
 
@@ -98,15 +109,26 @@ def point(problem: Problem, tx: optax.GradientTransformation, finalize: Callable
     """w from ``problem.init_params`` trained on ℓ; ``update(∇ℓ(w), state, w, grad_fn=∇ℓ)``.
 
     Transforms that evaluate gradients themselves (SAM, bSAM) call ``grad_fn``; the others ignore it.
+    With ``problem.model_state`` the loss also returns the new model state; the state keeps the one of the
+    clean pass (a perturbed pass's side effects are discarded).
     """
     tx = optax.with_extra_args_support(tx)
 
-    def update(state, batch, key):
-        grad_fn = jax.grad(lambda w_: problem.loss(w_, batch, key))
-        updates, opt_state = tx.update(grad_fn(state.params), state.opt_state, state.params, grad_fn=grad_fn)
-        return optax.apply_updates(state.params, updates), opt_state, state.samples, state.num_collected
+    if problem.model_state is None:
+        def update(state, batch, key):
+            grad_fn = jax.grad(lambda w_: problem.loss(w_, batch, key))
+            updates, opt_state = tx.update(grad_fn(state.params), state.opt_state, state.params, grad_fn=grad_fn)
+            return optax.apply_updates(state.params, updates), opt_state, state.samples, state.num_collected
+    else:
+        def update(state, batch, key):
+            stateful = jax.grad(lambda w_: problem.loss(w_, batch, key, state.model_state), has_aux=True)
+            grads, model_state = stateful(state.params)
+            grad_fn = lambda w_: stateful(w_)[0]  # noqa: E731
+            updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+            return (optax.apply_updates(state.params, updates), opt_state, state.samples, state.num_collected,
+                    model_state)
 
-    return trainer(problem.init_params, tx, update, finalize)
+    return trainer(problem.init_params, tx, update, finalize, model_state=problem.model_state)
 
 
 def langevin(name: str, problem: Problem, tx: optax.GradientTransformation, *, num_steps: int, n_cycle: int,
@@ -116,6 +138,7 @@ def langevin(name: str, problem: Problem, tx: optax.GradientTransformation, *, n
     ``tx`` gets ∇U (the *summed* potential); the buffer holds ``n_cycle · per_cycle`` samples and
     ``finalize`` returns the collected ones as a :class:`fpbma.types.SampleSet`.
     """
+    _without_model_state(name, problem)
     n = int(problem.num_data)
     size = n_cycle * per_cycle
     buffer = jax.tree.map(lambda x: jnp.zeros((size,) + jnp.shape(x), jnp.float32), problem.init_params)

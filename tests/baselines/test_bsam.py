@@ -1,7 +1,6 @@
 """bSAM: steps on a quadratic equal Algorithm 1 of Möllenhoff & Khan (2023) computed by hand."""
 
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -64,8 +64,6 @@ def run_pipeline(config) -> dict:
     if not training.source_finished(config):
         return {}
     prior = training.fit_prior(config, source_variables)
-    if prior is None:
-        return {}
     results: dict = {}
     for seed in seeds_of(config, "transfer"):
         run = training.setup_transfer(config, seed, prior, source_variables)

@@ -63,7 +63,8 @@ class LoopResult:
 def restore(path: str, like):
     """:func:`fpbma.models.checkpoints.restore_checkpoint`, with one line naming a damaged or foreign checkpoint."""
     try:
-        return restore_checkpoint(path, like=like)
+        # host arrays: they go with any device placement (replicated training, sharded BMA)
+        return jax.device_get(restore_checkpoint(path, like=like))
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise ConfigError(f"checkpoint {path} cannot be restored ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                           "it is damaged or was written by another version: delete it and run again.") from None
@@ -71,7 +72,7 @@ def restore(path: str, like):
 
 def run_loop(config, directory: str, trainer: Trainer, data: dict, *, num_steps: int, batch_size: int, seed: int,
              desc: str, on_step: Optional[Callable[[int, TrainState], None]] = None,
-             on_step_every: int = 0) -> LoopResult:
+             on_step_every: int = 0, stoppable: bool = True) -> LoopResult:
     """Runs ``trainer.step(state, batch, fold_in(key, t))`` for t = t₀ … num_steps − 1 on every device.
 
     Resumes from the latest ``step_<t>`` checkpoint in ``directory`` and saves one every
@@ -88,6 +89,8 @@ def run_loop(config, directory: str, trainer: Trainer, data: dict, *, num_steps:
       batch_size: B (``min(B, N)`` is used); it must split over the devices.
       seed: the seed of the batch order and of the step keys.
       desc: the progress bar's label.
+      stoppable: whether ``config.max_steps`` (≥ 0) stops the run after that many steps (the prior fit,
+        short and never checkpointed mid-way before, always runs to the end).
 
     Returns:
       A :class:`LoopResult`; ``loop.json`` in ``directory`` records the steps run, the device count and the
@@ -118,13 +121,14 @@ def run_loop(config, directory: str, trainer: Trainer, data: dict, *, num_steps:
 
     with progress_bar(config, num_steps, desc, initial=start) as tick:
         for t in range(start, num_steps):
-            if config.max_steps >= 0 and t >= config.max_steps:
+            if stoppable and config.max_steps >= 0 and t >= config.max_steps:
                 return result(t, False)
             idx = batch_indices(n, batch_size, seed, t)
             batch = parallel.shard_batch(host_rows({k: v[idx] for k, v in data.items()}), mesh)
             state = step(state, batch, jax.random.fold_in(key, t))
             if (t + 1) % every == 0 or t + 1 == num_steps:
-                save_checkpoint(os.path.join(directory, f"step_{t + 1}"), state, overwrite=True)
+                # host arrays: a checkpoint restores on any device count
+                save_checkpoint(os.path.join(directory, f"step_{t + 1}"), jax.device_get(state), overwrite=True)
                 for old in checkpoints(directory)[:-1]:
                     shutil.rmtree(os.path.join(directory, f"step_{old}"), ignore_errors=True)
             if on_step is not None and ((on_step_every > 0 and (t + 1) % on_step_every == 0) or t + 1 == num_steps):
@@ -252,10 +256,7 @@ def prior_trainer(config, model, source_variables) -> Trainer:
 
 
 def fit_prior(config, source_variables=None):
-    """The SWAG prior over the non-head weights, fitted along SGD on the source data (cached).
-
-    Returns None when ``config.max_steps`` stopped the fit early.
-    """
+    """The SWAG prior over the non-head weights, fitted along SGD on the source data (cached)."""
     directory = stage_dir(config, "prior")
     final = os.path.join(directory, "final")
     model, variables = source_model(config)
@@ -266,9 +267,8 @@ def fit_prior(config, source_variables=None):
     data, _ = _source_arrays(config)
     trainer = prior_trainer(config, model, source_variables)
     result = run_loop(config, directory, trainer, data, num_steps=int(config.prior.steps),
-                      batch_size=int(config.prior.batch_size), seed=int(config.seed) + 1, desc="SWAG prior")
-    if not result.finished:
-        return None
+                      batch_size=int(config.prior.batch_size), seed=int(config.seed) + 1, desc="SWAG prior",
+                      stoppable=False)
     prior = trainer.finalize(jax.device_get(result.state))
     save_checkpoint(final, prior, overwrite=True)
     return prior
@@ -374,7 +374,7 @@ def train_method(config, method: str, seed: int, run: Optional[TransferRun] = No
             nll = evaluation.validation_nll(config, trainer, state, run, samples)
             record["curve"].append([int(step), nll if math.isfinite(nll) else None])
             if math.isfinite(nll) and (record["val_nll"] is None or nll < record["val_nll"]):
-                save_checkpoint(os.path.join(directory, "best"), state, overwrite=True)
+                save_checkpoint(os.path.join(directory, "best"), jax.device_get(state), overwrite=True)
                 record.update(step=int(step), val_nll=nll)
             if jax.process_index() == 0:
                 write_json(record_path, record)

@@ -100,7 +100,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, method):
     wd = tmp_path / "broken"
     state, finished = _train(_config(wd, max_steps=3), method)
     assert state is None and not finished
-    assert sorted(os.listdir(layout.stage_dir(_config(wd), "source"))) == ["step_2"]
+    assert sorted(os.listdir(layout.stage_dir(_config(wd), "source"))) == ["loop.json", "step_2"]
     training.pretrain(_config(wd))
     state, finished = _train(_config(wd, max_steps=3), method)
     assert not finished and int(state.step) == 3
@@ -190,7 +190,8 @@ def test_schedule_fields_are_per_method_and_keep_the_constant_digest(tmp_path):
     legacy = {k: v for k, v in shared.items() if k not in ("schedule", "warmup_steps")}
     transfer_fields = {k: v for k, v in config.transfer.to_dict().items()
                        if k not in ("learning_rate", "steps", "kl_weight", "schedule", "warmup_steps")}
-    assert before.endswith(layout.digest({"prior": layout.stage_digest(config, "prior"), "transfer": transfer_fields,
+    assert before.endswith(layout.digest({"prior": layout.stage_digest(config, "prior"), "state": layout.STATE_FORMAT,
+                                          "transfer": transfer_fields,
                                            "target": config.data.target, "k": config.data.k_shot, "method": "sgd",
                                            "test_from_train": config.data.test_from_train,
                                            "hparams": {**hp, **legacy}}))

@@ -101,7 +101,8 @@ def test_eigenvalues_are_sorted_and_ratio_is_first_over_last(run):
 def test_lambda_max_and_trace_match_the_explicit_hessian(run, fpbma_samples):
     _, payload = run
     r = payload["methods"]["fpbma"]["0"]
-    (data, model, _, scheme), samples = fpbma_samples
+    setup, samples = fpbma_samples
+    data, model, scheme = setup.data, setup.model, setup.scheme
     i = int(np.argmax(r["lambda_max"]))
     variables = jax.tree.map(lambda x: x[i], samples)
     subset, rest = partition.split(variables["params"], scheme.scheme)
@@ -133,7 +134,8 @@ def test_flattest_half_bma_uses_the_samples_with_smallest_lambda_max(run, fpbma_
     assert len(flat_idx) == len(sharp_idx) == NUM_SAMPLES // 2
     assert sorted(flat_idx) == sorted(np.argsort(lam)[:NUM_SAMPLES // 2].tolist())
     assert lam[flat_idx].max() <= lam[sharp_idx].min()
-    (data, model, _, _), samples = fpbma_samples
+    setup, samples = fpbma_samples
+    data, model = setup.data, setup.model
     labels = data["test_label"]
     for part, idx in (("flattest_half", flat_idx), ("sharpest_half", sharp_idx),
                       ("all_samples", list(range(NUM_SAMPLES)))):

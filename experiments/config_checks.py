@@ -23,8 +23,11 @@ import sys
 import jax
 import numpy as np
 
+import fpbma.data
+import fpbma.models
 from fpbma import methods
-from fpbma.models import partition
+from fpbma.data import builders, corruptions
+from fpbma.models import efficientnet, partition
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field and the fix."""
@@ -60,8 +63,6 @@ def seeds_of(config, stage: str) -> tuple:
 
 
 def corruptions_of(config) -> tuple:
-    from fpbma.data import corruptions
-
     spec = config.eval.corruptions
     if spec in ("none", "", None):
         return ()
@@ -161,8 +162,6 @@ def check_devices(config, stage: str) -> None:
 
 
 def _num_target_classes(config) -> int:
-    import fpbma.data
-
     return int(fpbma.data.info(config.data.target, data_dir=config.data.data_dir).num_classes)
 
 
@@ -173,17 +172,11 @@ def pretrained_of(config) -> str:
 
 def model_image_size(config) -> int:
     """Input side of a pre-trained model (``config.model.image_size``, else the model's native size)."""
-    import fpbma.models
-
     return int(config.model.get("image_size", None) or fpbma.models.spec(config.model.name).image_size)
 
 
 def check_resources(config) -> None:
     """The pre-trained checkpoint and the TFDS datasets exist; one ConfigError naming what is missing."""
-    import fpbma.data
-    import fpbma.models
-    from fpbma.data import builders
-
     name, path = config.model.name, pretrained_of(config)
     if name != "cifar_resnet" and name not in fpbma.models.MODEL_NAMES:
         raise ConfigError(f"config.model.name={name!r}; choose 'cifar_resnet' or one of {fpbma.models.MODEL_NAMES}.")
@@ -195,7 +188,6 @@ def check_resources(config) -> None:
             if fpbma.models.spec(name).family != "efficientnet":
                 raise ConfigError(f"config.model.pretrained='package' only exists for efficientnet_lite0, not {name!r}; "
                                   "pass the checkpoint file path.")
-            from fpbma.models import efficientnet
             try:
                 efficientnet.efficientnet_lite0_weights_path()
             except (ModuleNotFoundError, FileNotFoundError) as e:
@@ -232,8 +224,6 @@ def check_resources(config) -> None:
 
 
 def target_class_counts(config) -> np.ndarray:
-    import fpbma.data
-
     src = fpbma.data.load(config.data.target, "train", data_dir=config.data.data_dir)
     counts = np.bincount(np.asarray(src.labels), minlength=src.info.num_classes)
     held = np.ceil(test_from_train_of(config) * counts).astype(counts.dtype)  # stratified_holdout's share

@@ -41,10 +41,11 @@ import os
 import time
 
 import jax
+from absl import logging
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import cli, config_checks, input_pipeline, models, pipeline, training, workdir
+from experiments import analysis, cli, config_checks, input_pipeline, models, pipeline, training, workdir
 from fpbma import bma, flatness, transfer
 from fpbma.models import partition
 
@@ -285,8 +286,6 @@ def claim_two(rows: dict) -> dict:
 def claims(per_method: dict) -> dict:
     """The paper's two claims over seeds (:mod:`experiments.analysis`): claim 1 and claim 2(a) on the per-seed
     log of the mean λ_max over samples, claim 2(b) on the BMA accuracy and NLL, all paired by seed."""
-    from experiments import analysis
-
     log_lam = {m: {int(s): math.log(max(float(np.mean(r["lambda_max"])), 1e-30)) for s, r in per.items()}
                for m, per in per_method.items()}
     acc = {m: {int(s): r["bma"]["acc"] for s, r in per.items()} for m, per in per_method.items()}
@@ -295,8 +294,6 @@ def claims(per_method: dict) -> dict:
 
 
 def _claim_lines(c: dict) -> list:
-    from experiments import analysis
-
     if not c.get("pairs"):
         return []
     lines = ["", "log λ_max of FP-BMA minus each method, paired over seeds: mean [95 % t interval] "
@@ -423,8 +420,6 @@ def run(config) -> dict:
 def main(config, argv) -> None:
     """``python -m experiments.flatness``: the stage, then ``flatness.md`` printed."""
     del argv
-    from absl import logging
-
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint restore at INFO
     run(config)
     with open(os.path.join(config.workdir, "flatness.md")) as f:

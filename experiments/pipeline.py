@@ -23,6 +23,7 @@ import os
 import time
 
 import jax
+from absl import logging
 
 from experiments import config_checks, report, training
 from experiments.config_checks import ConfigError, corruptions_of, methods_of, seeds_of
@@ -87,8 +88,6 @@ def run_pipeline(config) -> dict:
 
 def run_stage(stage: str, config) -> None:
     """``python -m experiments.<stage>``: validates once, then runs the stage."""
-    from absl import logging
-
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint write at INFO
     validate(config, stage)
     enable_compilation_cache(config)

@@ -36,6 +36,8 @@ import sys
 import time
 
 
+from absl import logging
+
 from experiments import cli, config_checks, pipeline, training, workdir
 from fpbma import methods
 
@@ -254,8 +256,6 @@ def run(config, argv=()) -> dict:
 
 def main(config, argv) -> None:
     """``python -m experiments.tune``."""
-    from absl import logging
-
     logging.set_verbosity(logging.WARNING)
     del argv  # absl's leftovers; the record keeps the whole command line
     run(config, argv=sys.argv)

@@ -17,8 +17,10 @@ experiments.config_checks.ConfigError: config.transfer.alpha=-1.0 must be > 0 (n
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -56,10 +58,70 @@ def seeds_of(config, stage: str) -> tuple:
     if stage in ("train", "evaluate"):
         return (int(config.seed),)
     seeds = items(config.seeds)
+    if not seeds:
+        raise ConfigError("config.seeds is empty: the main job would train nothing; pass e.g. --config.seeds=0,1,2.")
     bad = [s for s in seeds if not s.isdigit()]
     if bad:
         raise ConfigError(f"config.seeds has non-integer entries {bad}; pass e.g. --config.seeds=0,1,2.")
-    return tuple(int(s) for s in seeds)
+    seeds = tuple(int(s) for s in seeds)
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ConfigError(f"config.seeds={seeds} repeats {repeated}: a repeated seed counts one run twice in the "
+                          f"paired statistics; pass each seed once, e.g. --config.seeds="
+                          f"{','.join(str(s) for s in dict.fromkeys(seeds))}.")
+    return seeds
+
+
+# Numbers that must be > 0 (rates, variances, the KL weight); every other float may be any finite value.
+POSITIVE_FIELDS = ("pretrain.learning_rate", "prior.learning_rate", "transfer.learning_rate", "transfer.alpha",
+                   "transfer.kl_weight", "prior.min_var", "transfer.kl_min_var")
+
+
+def check_numbers(config) -> None:
+    """Every float anywhere in the config is finite, and those of :data:`POSITIVE_FIELDS` (and every
+    ``config.hparams.<method>.learning_rate`` / ``kl_weight`` that is set) are > 0."""
+    def walk(node, path):
+        for key in node.keys():
+            value, name = node[key], f"{path}{key}"
+            if hasattr(value, "keys"):
+                walk(value, name + ".")
+                continue
+            for v in (value if isinstance(value, (tuple, list)) else (value,)):
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"config.{name}={value!r} is not a finite number; pass a finite value "
+                                      f"(e.g. --config.{name}=...).")
+    walk(config, "")
+    positive = list(POSITIVE_FIELDS)
+    for m, section in (config.get("hparams", None) or {}).items():
+        positive += [f"hparams.{m}.{f}" for f in ("learning_rate", "kl_weight") if section.get(f, None) is not None]
+    for name in positive:
+        node = config
+        for part in name.split("."):
+            node = node[part] if part in node else None
+            if node is None:
+                break
+        if node is not None and not (isinstance(node, (int, float)) and not isinstance(node, bool) and node > 0):
+            raise ConfigError(f"config.{name}={node!r} must be a number > 0.")
+
+
+def check_workdir(config) -> None:
+    """``config.workdir`` is, or can be created as, a writable folder (probed by a temporary file in its
+    nearest existing folder, which is removed again)."""
+    workdir = os.path.abspath(str(config.workdir))
+    existing = workdir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    hint = "pass --workdir=DIR with a folder you can write to"
+    if not os.path.isdir(existing):
+        raise ConfigError(f"config.workdir={config.workdir!r} cannot be created: {existing} is a file, not a "
+                          f"folder; {hint}.")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".fpbma-write-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"config.workdir={config.workdir!r} is not writable ({existing}: {e.strerror}); "
+                          f"{hint}.") from None
 
 
 def corruptions_of(config) -> tuple:
@@ -79,6 +141,8 @@ def corruptions_of(config) -> tuple:
 def check(config, stage: str) -> None:
     """Checks a config for ``stage`` ∈ {pretrain, prior, train, evaluate, transfer, tune, flatness}; raises
     :class:`ConfigError`. (Whether earlier stages have run is checked by :func:`experiments.pipeline.validate`.)"""
+    check_numbers(config)
+    check_workdir(config)
     chosen = methods_of(config, stage)
     unknown = [m for m in chosen if m not in methods.names()]
     if unknown or not chosen:

@@ -45,7 +45,7 @@ from absl import logging
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import analysis, cli, config_checks, input_pipeline, models, pipeline, training, workdir
+from experiments import analysis, cli, report, config_checks, input_pipeline, models, pipeline, training, workdir
 from fpbma import bma, flatness, transfer
 from fpbma.models import partition
 
@@ -354,10 +354,13 @@ def scatter(config, rows: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
+    styles = report.method_styles(rows)
     for method, r in rows.items():
         x, dx = r["lambda_max"]
         y = r["bma"]["acc"]
-        ax.errorbar([x], [y], xerr=[dx], fmt="o", capsize=3)
+        st = styles[method]
+        ax.errorbar([x], [y], xerr=[dx], fmt=st["marker"], color=st["color"], markersize=st["markersize"],
+                    capsize=3, label=method, zorder=st["zorder"])
         ax.annotate(method, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if all(r["lambda_max"][0] > 0 for r in rows.values()):
         ax.set_xscale("log")

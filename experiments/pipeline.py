@@ -29,7 +29,7 @@ from experiments import config_checks, report, training
 from experiments.config_checks import ConfigError, corruptions_of, methods_of, seeds_of
 from experiments.evaluation import evaluate_method
 from experiments.input_pipeline import corrupted_data
-from experiments.workdir import enable_compilation_cache, method_dir, stage_dir
+from experiments.workdir import check_cache_files, enable_compilation_cache, method_dir, stage_dir
 
 STAGES = ("pretrain", "prior", "train", "evaluate", "transfer")
 
@@ -40,6 +40,11 @@ def validate(config, stage: str) -> None:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}.")
     config_checks.check(config, stage)
+    check_cache_files(config)
+    for name in ("source", "prior"):  # the stages every later one restores
+        final = os.path.join(stage_dir(config, name), "final")
+        if os.path.isdir(final):
+            training.check_checkpoint(final)
     needs = {"prior": ("source", "experiments.pretrain"), "train": ("prior", "experiments.prior` (after "
                                                                     "`experiments.pretrain")}
     if stage in needs:

@@ -31,6 +31,77 @@ def lookup(result: dict, path: tuple):
     return result
 
 
+FPBMA_FAMILY = ("fpbma", "vi", "fpbma_released", "fpbma_mean")
+"""FP-BMA and its ablations: drawn with thick lines and large markers in every plot."""
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p")
+
+
+def method_styles(names) -> dict:
+    """A distinct ``{color, marker, linewidth, markersize, zorder}`` for every method, however many.
+
+    Colours run through the 20 of ``tab20`` (then evenly spaced hues) and markers through 12 shapes, so no
+    two methods share both; FP-BMA and its ablations (:data:`FPBMA_FAMILY`) come first, with thick lines.
+
+    >>> styles = method_styles(["fpbma", "sgd", "laplace"])
+    >>> styles["fpbma"]["linewidth"] > styles["sgd"]["linewidth"]
+    True
+    >>> len({(s["color"], s["marker"]) for s in method_styles([f"m{i}" for i in range(40)]).values()})
+    40
+    """
+    import matplotlib
+
+    names = list(names)
+    ordered = [n for n in FPBMA_FAMILY if n in names] + [n for n in names if n not in FPBMA_FAMILY]
+    n = len(ordered)
+    if n <= 20:
+        colors = [matplotlib.colors.to_hex(matplotlib.colormaps["tab20"](i)) for i in range(20)]
+        # the saturated half of tab20 first (even indices), the light half after
+        colors = colors[0::2] + colors[1::2]
+    else:
+        colors = [matplotlib.colors.to_hex(matplotlib.colors.hsv_to_rgb((i / n, 0.85, 0.8))) for i in range(n)]
+    out = {}
+    for i, name in enumerate(ordered):
+        highlighted = name in FPBMA_FAMILY
+        out[name] = {"color": colors[i % len(colors)], "marker": _MARKERS[i % len(_MARKERS)],
+                     "linewidth": 2.6 if highlighted else 1.2, "markersize": 8 if highlighted else 5,
+                     "zorder": 3 if highlighted else 2}
+    return out
+
+
+def plot_training_curves(config, results: dict, path: str) -> None:
+    """Training loss and validation NLL over steps, one line per method (first reported seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from experiments.training import read_metrics
+
+    styles = method_styles(results)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for m in results:
+        seed = min(results[m])
+        lines = read_metrics(method_dir(config, m, int(seed)))
+        style = {k: v for k, v in styles[m].items() if k != "marker"}
+        train = [(r["step"], r["train/loss"]) for r in lines if "train/loss" in r]
+        val = [(r["step"], r["validation/nll"]) for r in lines if "validation/nll" in r]
+        if train:
+            axes[0].plot(*zip(*train), label=m, **style)
+        if val:
+            axes[1].plot(*zip(*val), label=m, marker=styles[m]["marker"], **style)
+    axes[0].set_ylabel("training loss ℓ (per step)")
+    axes[1].set_ylabel(f"validation NLL of the BMA ({config.transfer.get('select_samples', '?')} samples)")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"Training curves, seed {min(min(r) for r in results.values())}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_report(config, results: dict, wall_time: float) -> None:
     """``results.json``, ``results.md`` and PNG plots in the work dir."""
     import matplotlib
@@ -84,6 +155,9 @@ def write_report(config, results: dict, wall_time: float) -> None:
         calibration.reliability_diagram(lp, labels, os.path.join(wd, f"reliability_{m}.png"),
                                         title=f"{m}: BMA on {config.data.target} test")
     severities = tuple(int(s) for s in config.eval.severities)
+    if results:
+        plot_training_curves(config, results, os.path.join(wd, "training_curves.png"))
+    styles = method_styles(results)
     if any("corruptions" in r for res in results.values() for r in res.values()):
         fig, ax = plt.subplots(figsize=(6, 4))
         for m in results:
@@ -92,7 +166,7 @@ def write_report(config, results: dict, wall_time: float) -> None:
                 vals = [v["raw"]["acc"] for r in results[m].values() for k, v in r.get("corruptions", {}).items()
                         if k.endswith(f"_{s}")]
                 accs.append(np.mean(vals) if vals else np.nan)
-            ax.plot((0,) + severities, accs, marker="o", label=m)
+            ax.plot((0,) + severities, accs, label=m, **styles[m])
         ax.set_xlabel("corruption severity (0 = clean)")
         ax.set_ylabel("BMA accuracy (mean over corruptions)")
         ax.legend(fontsize=7, ncol=2)

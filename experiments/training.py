@@ -25,6 +25,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -65,20 +66,83 @@ def restore(path: str, like):
     try:
         # host arrays: they go with any device placement (replicated training, sharded BMA)
         return jax.device_get(restore_checkpoint(path, like=like))
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        raise ConfigError(f"checkpoint {path} cannot be restored ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-                          "it is damaged or was written by another version: delete it and run again.") from None
+    except Exception as e:  # orbax raises many types for a damaged or foreign checkpoint
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ConfigError(f"checkpoint {path} cannot be restored ({type(e).__name__}: {first}); it is damaged or "
+                          f"was written by another version: delete it (rm -r '{path}') and run again: that stage "
+                          "is rebuilt.") from None
+
+
+def check_checkpoint(path: str) -> None:
+    """A checkpoint restores (one ConfigError line naming it and the fix otherwise)."""
+    restore(path, None)
+
+
+class MetricsLog:
+    """Per-step metrics of one stage: TensorBoard event files (tensorboardX) and ``metrics.jsonl``.
+
+    Only process 0 writes (multi-host runs); ``every`` thins the training metrics (the last step is always
+    logged); a resumed run appends.
+    """
+
+    def __init__(self, directory: str, every: int, learning_rate: Optional[Callable[[int], float]] = None):
+        self.every, self.learning_rate = max(int(every), 1), learning_rate
+        self.path = os.path.join(directory, "metrics.jsonl")
+        self.writer = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(directory, "tensorboard"))
+
+    def write(self, step: int, values: dict) -> None:
+        if self.writer is None or not values:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": int(step), **values}) + "\n")
+
+    def train(self, step: int, state, last: bool = False) -> None:
+        if self.writer is None or (step % self.every and not last):
+            return
+        values = {f"train/{k}": float(v) for k, v in jax.device_get(state.metrics).items()}
+        if self.learning_rate is not None:
+            values["train/learning_rate"] = float(self.learning_rate(step - 1))
+        self.write(step, values)
+
+    def validation(self, step: int, values: Optional[dict]) -> None:
+        self.write(step, {f"validation/{k}": float(v) for k, v in (values or {}).items()})
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def read_metrics(directory: str) -> list[dict]:
+    """The lines of a stage's ``metrics.jsonl`` (``[]`` when it has none)."""
+    path = os.path.join(directory, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def run_loop(config, directory: str, trainer: Trainer, data: dict, *, num_steps: int, batch_size: int, seed: int,
              desc: str, on_step: Optional[Callable[[int, TrainState], None]] = None,
-             on_step_every: int = 0, stoppable: bool = True) -> LoopResult:
+             on_step_every: int = 0, stoppable: bool = True,
+             learning_rate: Optional[Callable[[int], float]] = None) -> LoopResult:
     """Runs ``trainer.step(state, batch, fold_in(key, t))`` for t = t₀ … num_steps − 1 on every device.
 
     Resumes from the latest ``step_<t>`` checkpoint in ``directory`` and saves one every
     ``config.checkpoint_every`` steps and at the end (the latest kept). ``on_step(t + 1, state)`` runs after
     every ``on_step_every``-th step and after the last one (checkpoint selection on validation data); it
-    may raise to stop the run (a pruned tuning trial).
+    may return a dict of validation metrics to log, and may raise to stop the run (a pruned tuning trial).
+
+    Every ``config.log_every`` steps and at the end, the state's metrics (``train/loss``, ``train/kl``,
+    ``train/num_skipped``, ``train/learning_rate`` from ``learning_rate(t)``) and the validation metrics
+    (``validation/<name>``) go to TensorBoard event files in ``<directory>/tensorboard`` (tensorboardX)
+    and, as JSON lines, to ``<directory>/metrics.jsonl``.
 
     Args:
       config: the experiment config (``checkpoint_every``, ``max_steps``, ``progress``).
@@ -89,6 +153,7 @@ def run_loop(config, directory: str, trainer: Trainer, data: dict, *, num_steps:
       batch_size: B (``min(B, N)`` is used); it must split over the devices.
       seed: the seed of the batch order and of the step keys.
       desc: the progress bar's label.
+      learning_rate: ``t -> η_t`` of the stage's optimizer, logged with the metrics (None: not logged).
       stoppable: whether ``config.max_steps`` (≥ 0) stops the run after that many steps (the prior fit,
         short and never checkpointed mid-way before, always runs to the end).
 
@@ -110,8 +175,10 @@ def run_loop(config, directory: str, trainer: Trainer, data: dict, *, num_steps:
     n = next(iter(data.values())).shape[0]
     batch_size = min(batch_size, n)
     every = int(config.checkpoint_every)
+    log = MetricsLog(directory, int(config.get("log_every", 1)), learning_rate)
 
     def result(t, finished):
+        log.close()
         out = LoopResult(state, finished, step.num_compilations())
         if jax.process_index() == 0:
             write_json(os.path.join(directory, "loop.json"),
@@ -126,13 +193,14 @@ def run_loop(config, directory: str, trainer: Trainer, data: dict, *, num_steps:
             idx = batch_indices(n, batch_size, seed, t)
             batch = parallel.shard_batch(host_rows({k: v[idx] for k, v in data.items()}), mesh)
             state = step(state, batch, jax.random.fold_in(key, t))
+            log.train(t + 1, state, last=t + 1 == num_steps)
             if (t + 1) % every == 0 or t + 1 == num_steps:
                 # host arrays: a checkpoint restores on any device count
                 save_checkpoint(os.path.join(directory, f"step_{t + 1}"), jax.device_get(state), overwrite=True)
                 for old in checkpoints(directory)[:-1]:
                     shutil.rmtree(os.path.join(directory, f"step_{old}"), ignore_errors=True)
             if on_step is not None and ((on_step_every > 0 and (t + 1) % on_step_every == 0) or t + 1 == num_steps):
-                on_step(t + 1, state)
+                log.validation(t + 1, on_step(t + 1, state))
             tick()
     return result(num_steps, True)
 
@@ -203,9 +271,10 @@ def pretrain(config) -> dict:
     n = data["label"].shape[0]
     head_only = bool(pretrained_of(config))
     trainer = (source_head_trainer if head_only else pretrain_trainer)(config, model, variables, n)
-    result = run_loop(config, directory, trainer, data, num_steps=int(config.pretrain.steps),
-                      batch_size=int(config.pretrain.batch_size), seed=int(config.seed),
-                      desc="train source head" if head_only else "pre-train source")
+    c = config.pretrain
+    result = run_loop(config, directory, trainer, data, num_steps=int(c.steps), batch_size=int(c.batch_size),
+                      seed=int(config.seed), desc="train source head" if head_only else "pre-train source",
+                      learning_rate=methods.learning_rate_schedule(float(c.learning_rate), int(c.steps), "cosine"))
     state = jax.device_get(result.state)
     if head_only:
         out = {**variables, "params": {**variables["params"], **state.params}}
@@ -268,7 +337,7 @@ def fit_prior(config, source_variables=None):
     trainer = prior_trainer(config, model, source_variables)
     result = run_loop(config, directory, trainer, data, num_steps=int(config.prior.steps),
                       batch_size=int(config.prior.batch_size), seed=int(config.seed) + 1, desc="SWAG prior",
-                      stoppable=False)
+                      stoppable=False, learning_rate=lambda t: float(config.prior.learning_rate))
     prior = trainer.finalize(jax.device_get(result.state))
     save_checkpoint(final, prior, overwrite=True)
     return prior
@@ -328,6 +397,17 @@ def make_method_trainer(config, method: str, run: TransferRun) -> Trainer:
         train_data=(x, y), hyperparameters=hp, **training_kwargs(shared))
 
 
+def method_learning_rate(config, method: str) -> Optional[Callable[[int], float]]:
+    """``t -> η_t`` of a method with a learning-rate schedule (constant or cosine after warm-up), else None
+    (SGLD and E-MCMC follow their own cyclical step size)."""
+    _, shared = method_settings(config, method)
+    if "schedule" not in shared:
+        return None
+    rate = methods.learning_rate_schedule(float(shared["learning_rate"]), int(shared["steps"]),
+                                          shared["schedule"], int(shared["warmup_steps"]))
+    return rate if callable(rate) else (lambda t: rate)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainedMethod:
     """A method trained on one seed: its result (a posterior, samples, ...), final state, and how it ran.
@@ -380,12 +460,14 @@ def train_method(config, method: str, seed: int, run: Optional[TransferRun] = No
                 write_json(record_path, record)
             if report is not None:
                 report(int(step), nll)
+            return {"nll": nll} if math.isfinite(nll) else {}
 
     os.makedirs(directory, exist_ok=True)
     batch = {"image": normalise(run.data["train_image"]), "label": run.data["train_label"]}
     result = run_loop(config, directory, trainer, batch, num_steps=int(method_settings(config, method)[1]["steps"]),
                       batch_size=int(config.transfer.batch_size), seed=1000 * seed + 17,
-                      desc=f"train {method} (seed {seed})", on_step=on_step, on_step_every=every)
+                      desc=f"train {method} (seed {seed})", on_step=on_step, on_step_every=every,
+                      learning_rate=method_learning_rate(config, method))
     state = jax.device_get(result.state)
     if not result.finished:
         return TrainedMethod(None, state, False, result.num_compilations)

@@ -9,7 +9,9 @@ Layout under ``config.workdir``:
 * ``prior-<hash>/`` — the SWAG prior (a :class:`fpbma.LowRankGaussian`) fitted along SGD on the source;
 * ``seed<s>/<method>-<hash>/`` — the train state of one method (checkpoints, ``best``, ``final``), its
   ``selection.json`` and its evaluation ``metrics.json``;
-* ``jax_cache/`` — JAX's persistent compilation cache.
+* ``jax_cache/`` — JAX's persistent compilation cache;
+* in every stage's directory: ``tensorboard/`` (TensorBoard event files of the per-step metrics),
+  ``metrics.jsonl`` (the same values, one JSON line per logged step) and ``loop.json``.
 
 ``<hash>`` digests the config fields a stage depends on, so a changed config never reuses a stale stage;
 a method's digest holds its *resolved* hyperparameters (:func:`experiments.config_checks.method_settings`)
@@ -26,16 +28,17 @@ import hashlib
 import json
 import os
 import subprocess
+import zipfile
 from typing import Callable
 
 import jax
 import numpy as np
 
-from experiments.config_checks import method_settings, test_from_train_of
+from experiments.config_checks import ConfigError, method_settings, test_from_train_of
 from fpbma import methods
 
 # The layout of a method's train state (fpbma.types.TrainState); raised when it changes so that no run
-# restores a checkpoint of another layout (2: the state carries model_state).
+# restores a checkpoint of another layout (2: the state carries model_state and the step's metrics).
 STATE_FORMAT = 2
 
 
@@ -108,10 +111,20 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def cached_arrays(path: str, build: Callable[[], dict]) -> dict:
-    if os.path.exists(path):
+def read_arrays(path: str) -> dict:
+    """The arrays of a cache file; a damaged file is one :class:`ConfigError` line naming it and the fix."""
+    try:
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise ConfigError(f"cache file {path} is damaged ({type(e).__name__}: {e}); delete it (rm '{path}') and "
+                          "run again: it is rebuilt from the dataset.") from None
+
+
+def cached_arrays(path: str, build: Callable[[], dict]) -> dict:
+    """``build()``'s arrays, saved once as ``path`` (an ``.npz``) and read from it afterwards."""
+    if os.path.exists(path):
+        return read_arrays(path)
     arrays = build()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp.npz"  # hosts sharing the work dir write in turn
@@ -145,3 +158,12 @@ def enable_compilation_cache(config) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+
+
+def check_cache_files(config) -> None:
+    """Every cached array file under ``<workdir>/data`` reads back whole (one ConfigError line otherwise)."""
+    directory = os.path.join(config.workdir, "data")
+    if os.path.isdir(directory):
+        for name in sorted(os.listdir(directory)):
+            if name.endswith(".npz") and ".tmp." not in name:
+                read_arrays(os.path.join(directory, name))

@@ -95,6 +95,8 @@ class TrainState(NamedTuple):
       num_collected: int32 samples written into ``samples``.
       model_state: non-trained model variables carried forward (e.g. ``{"batch_stats": ...}``), ``{}``
         if none.
+      metrics: float32 scalars of the last step (a method's trainer: ``loss``, ``kl`` for variational
+        methods) and ``num_skipped``, the steps skipped for a non-finite result; ``{}`` if none.
 
     Every training loop of the library carries this one state: the methods' trainers
     (:mod:`fpbma.methods`), :func:`fpbma.parallel.make_train_step` and the experiment stages.
@@ -111,6 +113,7 @@ class TrainState(NamedTuple):
     samples: PyTree = ()
     num_collected: jax.Array = 0
     model_state: PyTree = {}
+    metrics: PyTree = {}
 
     @classmethod
     def create(cls, params, tx, model_state=None, samples=()) -> "TrainState":

@@ -115,7 +115,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, method):
     ({"methods": ("fpbma", "nope")}, "transfer", "unknown method"),
     ({"hparams.fpbma.rho": -0.1}, "transfer", r"config.hparams.fpbma: rho=-0.1"),
     ({"methods": ("sgld",), "hparams.sgld.steps": 3}, "transfer", r"config.hparams.sgld: n_cycle=4 exceeds num_steps=3"),
-    ({"method": "sam", "hparams.sam.learning_rate": -1.0}, "train", r"config.hparams.sam: learning_rate=-1.0"),
+    ({"method": "sam", "hparams.sam.learning_rate": -1.0}, "train", r"config.hparams.sam.learning_rate=-1.0 must be a number > 0"),
     ({"data.k_shot": 1000}, "transfer", "k_shot=1000 is too large"),
     ({"eval.corruptions": "rain"}, "transfer", "unknown corruption"),
     ({"prior.rank": 1}, "transfer", "rank=1 must be >= 2"),

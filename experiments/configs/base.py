@@ -47,6 +47,7 @@ def get_config():
     c.methods = methods.names()      # for `experiments.transfer`: every registered method
     c.hparams = hparams_config()     # config.hparams.<method>.<name>
     c.checkpoint_every = 50          # steps between orbax checkpoints (every stage)
+    c.log_every = 1                  # steps between logged training metrics (TensorBoard, metrics.jsonl)
     c.max_steps = -1                 # stop a training stage after this many steps (-1: run to the end)
     c.progress = True                # tqdm bars
 

@@ -15,7 +15,7 @@ the step keeps the previous weights, optimizer state and samples and only counts
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ from fpbma import posterior as post
 from fpbma.baselines._sgld import is_cycle_end
 from fpbma.types import Problem, SampleSet, Trainer, TrainState
 
-__all__ = ["trainer", "variational", "on_initial_posterior", "point", "langevin", "post_hoc", "zero_kl"]
+__all__ = ["StepUpdate", "trainer", "variational", "on_initial_posterior", "point", "langevin", "post_hoc", "zero_kl"]
 
 
 def zero_kl(q) -> jax.Array:
@@ -41,23 +41,44 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+class StepUpdate(NamedTuple):
+    """What a method's update returns: the new trained object, optimizer state and sample buffer, the new
+    model state (None: unchanged) and the step's scalar metrics (e.g. ``{"loss": ℓ, "kl": KL}``)."""
+
+    params: Any
+    opt_state: Any
+    samples: Any
+    num_collected: jax.Array
+    model_state: Any = None
+    metrics: Optional[dict] = None
+
+
 def trainer(init_params, tx: optax.GradientTransformation, update: Callable, finalize: Callable,
-            buffer=(), model_state=None) -> Trainer:
-    """A :class:`Trainer` from ``update(state, batch, key) -> (params, opt_state, samples, num_collected)``
-    (``model_state`` not None: ``update`` returns a fifth entry, the new model state)."""
+            buffer=(), model_state=None, metrics: Sequence[str] = ("loss",)) -> Trainer:
+    """A :class:`Trainer` from ``update(state, batch, key) -> StepUpdate``.
+
+    The state's ``metrics`` hold the last step's values of ``metrics`` (float32 scalars, the ones the
+    update reports) and ``num_skipped``, the steps skipped so far for a non-finite result.
+    """
 
     def init():
-        return TrainState.create(init_params, tx, model_state, buffer)
+        zeros = {name: jnp.zeros([], jnp.float32) for name in metrics}
+        return TrainState.create(init_params, tx, model_state, buffer)._replace(
+            metrics={**zeros, "num_skipped": jnp.zeros([], jnp.int32)})
 
     def step(state, batch, key):
-        new = tuple(update(state, batch, key))
-        if len(new) == 4:
-            new = new + (state.model_state,)
+        new = update(state, batch, key)
+        kept = (new.params, new.opt_state, new.samples, new.num_collected,
+                state.model_state if new.model_state is None else new.model_state)
+        ok = _all_finite(new.params)
         # One conditional rather than a select per leaf (which ties every output to both branches).
-        new = jax.lax.cond(_all_finite(new[0]), lambda: new,
-                           lambda: (state.params, state.opt_state, state.samples, state.num_collected,
-                                    state.model_state))
-        return TrainState(state.step + 1, *new)
+        kept = jax.lax.cond(ok, lambda: kept,
+                            lambda: (state.params, state.opt_state, state.samples, state.num_collected,
+                                     state.model_state))
+        reported = {k: jnp.asarray(v, jnp.float32) for k, v in (new.metrics or {}).items()}
+        step_metrics = {**state.metrics, **reported,
+                        "num_skipped": state.metrics["num_skipped"] + (1 - ok.astype(jnp.int32))}
+        return TrainState(state.step + 1, *kept, step_metrics)
 
     return Trainer(init, step, finalize)
 
@@ -89,13 +110,16 @@ def variational(problem: Problem, q0, kl_fn: Callable, tx: optax.GradientTransfo
 
         def loss(q_):
             expected = problem.loss(post.sample_from_noise(q_, noise), batch, k_loss)
-            return expected + kl_weight * kl_fn(q_) / n
+            kl = kl_fn(q_)
+            return expected + kl_weight * kl / n, (expected, kl)
 
-        grad_fn = jax.grad(loss)
-        updates, opt_state = tx.update(grad_fn(q), state.opt_state, q, grad_fn=grad_fn, noise=noise)
-        return optax.apply_updates(q, updates), opt_state, state.samples, state.num_collected
+        (_, (expected, kl)), grads = jax.value_and_grad(loss, has_aux=True)(q)
+        grad_fn = jax.grad(lambda q_: loss(q_)[0])
+        updates, opt_state = tx.update(grads, state.opt_state, q, grad_fn=grad_fn, noise=noise)
+        return StepUpdate(optax.apply_updates(q, updates), opt_state, state.samples, state.num_collected,
+                          metrics={"loss": expected, "kl": kl})
 
-    return trainer(q0, tx, update, lambda s: s.params)
+    return trainer(q0, tx, update, lambda s: s.params, metrics=("loss", "kl"))
 
 
 def on_initial_posterior(name: str, problem: Problem, tx: optax.GradientTransformation, kl_weight: float) -> Trainer:
@@ -116,17 +140,19 @@ def point(problem: Problem, tx: optax.GradientTransformation, finalize: Callable
 
     if problem.model_state is None:
         def update(state, batch, key):
-            grad_fn = jax.grad(lambda w_: problem.loss(w_, batch, key))
-            updates, opt_state = tx.update(grad_fn(state.params), state.opt_state, state.params, grad_fn=grad_fn)
-            return optax.apply_updates(state.params, updates), opt_state, state.samples, state.num_collected
+            loss = lambda w_: problem.loss(w_, batch, key)  # noqa: E731
+            value, grads = jax.value_and_grad(loss)(state.params)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=jax.grad(loss))
+            return StepUpdate(optax.apply_updates(state.params, updates), opt_state, state.samples,
+                              state.num_collected, metrics={"loss": value})
     else:
         def update(state, batch, key):
-            stateful = jax.grad(lambda w_: problem.loss(w_, batch, key, state.model_state), has_aux=True)
-            grads, model_state = stateful(state.params)
-            grad_fn = lambda w_: stateful(w_)[0]  # noqa: E731
+            loss = lambda w_: problem.loss(w_, batch, key, state.model_state)  # noqa: E731
+            (value, model_state), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+            grad_fn = lambda w_: jax.grad(loss, has_aux=True)(w_)[0]  # noqa: E731
             updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
-            return (optax.apply_updates(state.params, updates), opt_state, state.samples, state.num_collected,
-                    model_state)
+            return StepUpdate(optax.apply_updates(state.params, updates), opt_state, state.samples,
+                              state.num_collected, model_state, {"loss": value})
 
     return trainer(problem.init_params, tx, update, finalize, model_state=problem.model_state)
 
@@ -145,10 +171,12 @@ def langevin(name: str, problem: Problem, tx: optax.GradientTransformation, *, n
 
     def update(state, batch, key):
         def potential(w_):
-            u = n * problem.loss(w_, batch, key)
-            return u if problem.log_prior is None else u - problem.log_prior(w_)
+            mean_loss = problem.loss(w_, batch, key)
+            u = n * mean_loss
+            return (u if problem.log_prior is None else u - problem.log_prior(w_)), mean_loss
 
-        updates, opt_state = tx.update(jax.grad(potential)(state.params), state.opt_state, state.params)
+        (_, mean_loss), grads = jax.value_and_grad(potential, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         done = is_cycle_end(state.step + 1, num_steps, n_cycle)
         samples, num = state.samples, state.num_collected
@@ -156,7 +184,7 @@ def langevin(name: str, problem: Problem, tx: optax.GradientTransformation, *, n
             row = jnp.minimum(num, size - 1)
             samples = jax.tree.map(lambda b, x: jnp.where(done, b.at[row].set(x), b), samples, w)
             num = num + done.astype(jnp.int32)
-        return params, opt_state, samples, num
+        return StepUpdate(params, opt_state, samples, num, metrics={"loss": mean_loss})
 
     def finalize(s):
         m = int(s.num_collected)

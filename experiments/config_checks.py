@@ -299,6 +299,9 @@ def test_from_train_of(config) -> float:
     return float(config.data.get("test_from_train", None) or 0.0)
 
 
+test_from_train_of.__test__ = False  # a config accessor, not a pytest test
+
+
 
 
 def method_settings(config, method: str) -> tuple:

@@ -202,7 +202,7 @@ def test_schedule_fields_are_per_method_and_keep_the_constant_digest(tmp_path):
     # The trainer the experiments build follows the schedule: η_0 = 0 at the start of the warm-up.
     training.pretrain(config)
     run = training.setup_transfer(config, 0)
-    data, model, extra, scheme = run.data, run.model, run.extra, run.scheme
+    data = run.data
     trainer = training.make_method_trainer(config, "sgd", run)
     batch = {"image": input_pipeline.normalise(data["train_image"][:4]), "label": data["train_label"][:4]}
     first = jax.jit(trainer.step)(trainer.init(), batch, jax.random.PRNGKey(0))

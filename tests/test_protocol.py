@@ -66,7 +66,7 @@ def test_selection_returns_the_state_of_the_lowest_recorded_validation_nll(tmp_p
     setup = training.setup_transfer(c, 0)
     seen = []
     trained = training.train_method(c, "sgd", 0, setup, report=lambda s, v: seen.append((s, v)))
-    posterior, state, finished = trained.posterior, trained.state, trained.finished
+    state, finished = trained.state, trained.finished
     assert finished
     record = json.load(open(os.path.join(layout.method_dir(c, "sgd", 0), "selection.json")))
     curve = [(s, v) for s, v in record["curve"]]

@@ -1,6 +1,6 @@
 """Memory-bounded Bayesian model averaging: the BMA predictive over S weight samples, on device.
 
-The BMA predictive (arXiv 2406.15664 §3; README "Bayesian transfer learning") averages *probabilities* over S samples
+The BMA predictive (arXiv 2406.15664 §3; docs page :doc:`/transfer`) averages *probabilities* over S samples
 w_s ~ q and is computed in log space,
 
     log p̄(y|x) = logsumexp_s log softmax(f(x; w_s))_y − log S,

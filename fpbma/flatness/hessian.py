@@ -22,8 +22,8 @@ re-orthogonalisation steps, so the same code serves a loss that traces in one pr
 that does not; results depend only on ``key``.
 
 References:
-  Lim et al., "Flat Posterior Does Matter For Bayesian Model Averaging", arXiv:2406.15664 (§5 of the
-  design notes: flatness of a posterior as Hessian eigenvalues and trace at its samples).
+  Lim et al., "Flat Posterior Does Matter For Bayesian Model Averaging", arXiv:2406.15664 (flatness of a
+  posterior as the Hessian eigenvalues and trace of the loss at its samples).
   Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 1994.
   Lanczos, 1950; Golub & Van Loan, "Matrix Computations" §10.1 (full re-orthogonalisation).
   Hutchinson, "A stochastic estimator of the trace of the influence matrix", 1990.

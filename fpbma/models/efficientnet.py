@@ -30,9 +30,13 @@ Parameter naming (for FP-BMA's transfer scheme, arXiv 2406.15664, which fine-tun
 normalisation layers + classifier): every BatchNorm module's name contains ``bn``
 (``stem_bn``, ``blocks_3/expand_bn``, ``top_bn`` ...) and the classifier is ``head``.
 
->>> variables = load_efficientnet_lite0()                      # doctest: +SKIP
->>> x = preprocess_efficientnet_lite0(uint8_images)            # doctest: +SKIP
->>> logits = EfficientNetLite0().apply(variables, x, train=False)  # doctest: +SKIP
+>>> import numpy as np
+>>> variables = load_efficientnet_lite0()                      # ImageNet-1k weights, 1000 classes
+>>> x = preprocess_efficientnet_lite0(np.zeros((1, 48, 48, 3), np.uint8), size=32)
+>>> x.shape
+(1, 32, 32, 3)
+>>> EfficientNetLite0().apply(variables, x, train=False).shape
+(1, 1000)
 """
 
 from __future__ import annotations

@@ -79,5 +79,24 @@ def _plain_text_bars(app, what, name, obj, options, lines):
             literal_indent = indent
 
 
+def _top_level_alias(app, env, node, contnode):
+    """Resolve ``fpbma.fpbma``, ``fpbma.DiagGaussian`` … (re-exports of the top-level package) to the
+    objects documented in :mod:`fpbma.transforms` and :mod:`fpbma.posterior`."""
+    if node.get("refdomain") != "py":
+        return None
+    target = node.get("reftarget", "")
+    head, _, name = target.rpartition(".")
+    if head != "fpbma":
+        return None
+    from fpbma import posterior, transforms
+
+    for module in (posterior, transforms):
+        if name in module.__all__:
+            return env.get_domain("py").resolve_xref(env, node["refdoc"], app.builder, node["reftype"],
+                                                      f"{module.__name__}.{name}", node, contnode)
+    return None
+
+
 def setup(app):
     app.connect("autodoc-process-docstring", _plain_text_bars)
+    app.connect("missing-reference", _top_level_alias)

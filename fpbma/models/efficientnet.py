@@ -2,7 +2,7 @@
 
 EfficientNet-Lite0 (Tan & Le, 2019, arXiv 1905.11946; the "Lite" edge variant of
 tensorflow/tpu ``models/official/efficientnet/lite``) is EfficientNet-B0 without
-squeeze-excitation, with ReLU6 instead of swish and a fixed 32-channel stem / 1280-channel top:
+squeeze-excitation, with ReLU6 instead of swish and a fixed 32-channel stem / 1280-channel top::
 
     stem:   conv3x3/2(32) -> BN -> ReLU6
     blocks: 16 MBConv blocks, stage (repeats, kernel, stride, expand, out) =

@@ -1,6 +1,6 @@
 """Memory-bounded Bayesian model averaging: the BMA predictive over S weight samples, on device.
 
-The BMA predictive (arXiv 2406.15664 §3; README "Bayesian transfer learning") averages *probabilities* over S samples
+The BMA predictive (arXiv 2406.15664 §3; docs page :doc:`/transfer`) averages *probabilities* over S samples
 w_s ~ q and is computed in log space,
 
     log p̄(y|x) = logsumexp_s log softmax(f(x; w_s))_y − log S,
@@ -251,7 +251,16 @@ def predict(apply_fn: Callable, sample_weights: Callable, inputs, *, key: jax.Ar
 
     Memory is that of ``chunk_size`` forward passes plus an (N, C) accumulator, whatever S.
 
-    >>> lp = predict(Partial(model.apply), Partial(fpbma.sample, q), x, key=key)   # doctest: +SKIP
+    >>> import fpbma, jax, jax.numpy as jnp
+    >>> from jax.tree_util import Partial
+    >>> q = fpbma.DiagGaussian.from_point({"w": 5.0 * jnp.eye(3)}, std=0.1)   # a linear classifier
+    >>> apply_fn = Partial(lambda w, x: x @ w["w"])
+    >>> x, y = jnp.eye(3), jnp.arange(3)
+    >>> lp = predict(apply_fn, Partial(fpbma.sample, q), x, key=jax.random.PRNGKey(0), num_samples=10)
+    >>> lp.shape, bool(jnp.allclose(jnp.exp(lp).sum(-1), 1.0, atol=1e-5))     # log-probabilities
+    ((3, 3), True)
+    >>> evaluate(lp, y)["acc"]
+    1.0
 
     Args:
       apply_fn: ``apply_fn(weights, x_batch) -> logits (B, C)``.

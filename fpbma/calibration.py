@@ -1,7 +1,7 @@
 """Temperature scaling of the BMA predictive and reliability diagrams.
 
 Temperature scaling (Guo et al., 2017) is fitted on the validation split *on the BMA predictive*
-log p̄(y|x) (the transfer scheme's last step, README "Bayesian transfer learning"), not on single-network logits:
+log p̄(y|x) (the transfer scheme's last step, see the docs page :doc:`/transfer`), not on single-network logits:
 
     p_T(y|x) = softmax(log p̄(·|x) / T)_y  ∝  p̄(y|x)^{1/T},
 

@@ -1,6 +1,6 @@
 """Predictive metrics for Bayesian model averaging: accuracy, NLL, ECE, Brier.
 
-BMA predictive (README "Bayesian transfer learning"): p(y|x) = (1/S) Σ_s softmax(f(x; w_s)). Its log
+BMA predictive (docs page :doc:`/transfer`): p(y|x) = (1/S) Σ_s softmax(f(x; w_s)). Its log
 is computed in log space, log p(y|x) = logsumexp_s log softmax(f(x; w_s))_y − log S, so a class to
 which some samples give zero probability never produces log 0.
 

@@ -65,7 +65,17 @@ def hyperparameter_names(name: str) -> tuple:
 def build(name: str, **hyperparameters):
     """``METHODS[name](**hyperparameters)`` after checking every name is one the method takes.
 
-    >>> tx = build("sam", learning_rate=0.01, rho=0.05)
+    >>> import jax, jax.numpy as jnp, optax
+    >>> grad_fn = jax.grad(lambda w: 0.5 * jnp.sum((w - 1.0) ** 2))   # ℓ(w) = ½‖w − 1‖²
+    >>> tx = build("sam", learning_rate=0.1, rho=0.05, momentum=0.0)
+    >>> w = jnp.zeros(2)
+    >>> updates, state = tx.update(grad_fn(w), tx.init(w), w, grad_fn=grad_fn)
+    >>> [round(float(v), 4) for v in optax.apply_updates(w, updates)]  # 0.1 · ∇ℓ(w + ε*)
+    [0.1035, 0.1035]
+    >>> build("sam", learning_rate=0.1, radius=0.05)
+    Traceback (most recent call last):
+    ...
+    ValueError: method 'sam' does not take hyperparameter(s) ['radius']; it takes ['learning_rate', 'rho', 'momentum', 'weight_decay', 'nesterov', 'batch_axis_name'].
     """
     allowed = hyperparameter_names(name)
     unknown = sorted(set(hyperparameters) - set(allowed))

@@ -77,7 +77,17 @@ def bsam(learning_rate, num_data: int, rho: float = 0.05, beta1: float = 0.9, be
       An ``optax.GradientTransformationExtraArgs``. :func:`bsam_posterior` turns (m, state) into a
       ``DiagGaussian``.
 
-    >>> tx = bsam(0.1, num_data=50_000, rho=0.05, s_init=1.0)
+    >>> import jax, jax.numpy as jnp, optax
+    >>> grad_fn = jax.grad(lambda w: 0.5 * jnp.sum((w - 1.0) ** 2))
+    >>> tx = bsam(0.1, num_data=100, rho=0.05, s_init=1.0)
+    >>> m = jnp.zeros(2)
+    >>> state = tx.init(m)
+    >>> for _ in range(50):                     # grads are ignored: grad_fn is called at m + e and m + ε
+    ...     updates, state = tx.update(jnp.zeros(2), state, m, grad_fn=grad_fn)
+    ...     m = optax.apply_updates(m, updates)
+    >>> q = bsam_posterior(m, state, num_data=100)
+    >>> [round(float(v), 1) for v in q.mean], [round(float(v), 2) for v in jnp.exp(q.log_std)]  # σ = 1/√(N s)
+    ([1.0, 1.0], [0.1, 0.1])
 
     References:
       Möllenhoff & Khan, "SAM as an Optimal Relaxation of Bayes", ICLR 2023.

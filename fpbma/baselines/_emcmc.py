@@ -67,7 +67,16 @@ def emcmc(learning_rate: float, eta: float = 1e-2, temp: float = 1.0, num_steps:
     Returns:
       An ``optax.GradientTransformation``; θ_a is ``guiding_params(state)``, initialised to θ.
 
-    >>> tx = emcmc(1e-3, eta=1e-2)
+    >>> import jax, jax.numpy as jnp, optax
+    >>> grad_u = jax.grad(lambda w: 50.0 * jnp.sum((w - 1.0) ** 2))  # U(θ) = 50 ‖θ − 1‖²
+    >>> tx = emcmc(1e-3, eta=1e-2, temp=0.0)    # T = 0: noise-free, both variables descend
+    >>> theta = jnp.zeros(2)
+    >>> state = tx.init(theta)
+    >>> for _ in range(100):
+    ...     updates, state = tx.update(grad_u(theta), state, theta)
+    ...     theta = optax.apply_updates(theta, updates)
+    >>> [round(float(v), 2) for v in theta], [round(float(v), 2) for v in guiding_params(state)]  # θ_a trails θ
+    ([0.99, 0.99], [0.98, 0.98])
 
     References:
       Li & Zhang, "Entropy-MCMC: Sampling from Flat Basins with Ease", ICLR 2024.

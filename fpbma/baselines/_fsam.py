@@ -48,7 +48,13 @@ def fsam(learning_rate, rho: float = 0.1, eta: float = 1.0, momentum: float = 0.
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``grad_fn=lambda params: grads``.
 
-    >>> tx = fsam(0.01, rho=0.1, eta=1.0)
+    >>> import jax, jax.numpy as jnp, optax
+    >>> grad_fn = jax.grad(lambda w: 0.5 * jnp.sum((w - 1.0) ** 2))
+    >>> tx = fsam(0.1, rho=0.05, eta=1.0, momentum=0.0)
+    >>> w = jnp.zeros(2)                        # g = (−1, −1): f = g/2, ε* = 0.05 f/√(gᵀf)
+    >>> updates, _ = tx.update(grad_fn(w), tx.init(w), w, grad_fn=grad_fn)
+    >>> [round(float(v), 4) for v in optax.apply_updates(w, updates)]  # 0.1 (1 + 0.025)
+    [0.1025, 0.1025]
 
     References:
       Kim et al., "Fisher SAM: Information Geometry and Sharpness Aware Minimisation", ICML 2022.

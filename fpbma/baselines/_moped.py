@@ -85,9 +85,19 @@ def moped(learning_rate, moped_delta: float = 0.1, kl_beta: float = 1.0, prior_s
       :class:`MOPED` with ``init(pretrained) -> (q0, prior)``,
       ``loss(q, noise, loss_fn, prior, num_data) -> L(θ)`` and ``tx`` (Adam on (μ, log σ)).
 
-    >>> m = moped(1e-3, moped_delta=0.1, kl_beta=1.0)
-    >>> # q, prior = m.init(pretrained); state = m.tx.init(q)
-    >>> # g = jax.grad(m.loss)(q, fpbma.sample_noise(q, key), loss_fn, prior, num_data)
+    >>> import fpbma, jax, jax.numpy as jnp, optax
+    >>> m = moped(1e-2, moped_delta=0.1, kl_beta=1.0)
+    >>> q, prior = m.init({"w": jnp.array([1.0, -2.0])})    # pre-trained w = (1, −2)
+    >>> [round(float(s), 4) for s in jnp.exp(q.log_std["w"])]   # q₀'s std δ|w|
+    [0.1, 0.2]
+    >>> loss_fn = lambda v: 0.5 * jnp.sum((v["w"] - 1.0) ** 2)  # the target data prefer v = (1, 1)
+    >>> state = m.tx.init(q)
+    >>> for key in jax.random.split(jax.random.PRNGKey(0), 200):
+    ...     g = jax.grad(m.loss)(q, fpbma.sample_noise(q, key), loss_fn, prior, 10)
+    ...     updates, state = m.tx.update(g, state, q)
+    ...     q = optax.apply_updates(q, updates)
+    >>> [round(float(v), 1) for v in q.mean["w"]]               # the tight prior at −2 holds w₂ back
+    [1.0, -1.1]
 
     References:
       Krishnan et al., "Specifying Weight Priors in Bayesian Deep Neural Networks with Empirical Bayes",

@@ -52,7 +52,13 @@ def sam(learning_rate, rho: float = 0.05, momentum: float = 0.9, weight_decay: f
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``grad_fn=lambda params: grads``.
 
-    >>> tx = sam(0.01, rho=0.05)
+    >>> import jax, jax.numpy as jnp, optax
+    >>> grad_fn = jax.grad(lambda w: 0.5 * jnp.sum((w - 1.0) ** 2))
+    >>> tx = sam(0.1, rho=0.05, momentum=0.0)
+    >>> w = jnp.zeros(2)                        # g = (−1, −1), ε* = −0.05 g/‖g‖
+    >>> updates, _ = tx.update(grad_fn(w), tx.init(w), w, grad_fn=grad_fn)
+    >>> [round(float(v), 4) for v in optax.apply_updates(w, updates)]  # −0.1 ∇ℓ(w + ε*) = 0.1 (1 + 0.05/√2)
+    [0.1035, 0.1035]
 
     References:
       Foret et al., "Sharpness-Aware Minimization for Efficiently Improving Generalization", ICLR 2021.

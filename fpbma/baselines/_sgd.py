@@ -33,6 +33,15 @@ def sgd(learning_rate, momentum: float = 0.9, weight_decay: float = 0.0,
     Returns:
       An ``optax.GradientTransformation``.
 
-    >>> tx = sgd(0.01, momentum=0.9)
+    >>> import jax, jax.numpy as jnp, optax
+    >>> grad = jax.grad(lambda w: 0.5 * jnp.sum((w - 1.0) ** 2))
+    >>> tx = sgd(0.1, momentum=0.9)
+    >>> w = jnp.zeros(2)
+    >>> state = tx.init(w)
+    >>> for _ in range(2):                      # m = 1, then 0.9 + 0.9: w = 0.1, then 0.28
+    ...     updates, state = tx.update(grad(w), state, w)
+    ...     w = optax.apply_updates(w, updates)
+    >>> [round(float(v), 4) for v in w]
+    [0.28, 0.28]
     """
     return outer_sgd(learning_rate, momentum, weight_decay, nesterov)

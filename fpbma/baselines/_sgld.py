@@ -205,8 +205,22 @@ def csgld(learning_rate: float, num_steps: int, n_cycle: int = 4, exploration_ra
       An ``optax.GradientTransformation``; collect ``params`` after each update for which
       ``is_cycle_end(state.count, num_steps, n_cycle)`` holds.
 
-    >>> tx = csgld(0.5, num_steps=1000, n_cycle=4, exploration_ratio=0.8)
-    >>> ptx = csgld(0.5, num_steps=1000, n_cycle=4, preconditioner="rmsprop", num_data=50_000)
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from fpbma.types import stack_samples
+    >>> [round(float(cyclical_cosine_schedule(0.1, 8, 2)(k)), 4) for k in range(5)]  # 2 cycles of 4 steps
+    [0.1, 0.0854, 0.05, 0.0146, 0.1]
+    >>> grad_u = jax.grad(lambda w: 0.5 * jnp.sum(w ** 2))    # U = ½‖w‖²: the posterior is N(0, I)
+    >>> tx = csgld(0.1, num_steps=8, n_cycle=2, exploration_ratio=0.5, temp=1.0)
+    >>> w = jnp.zeros(2)
+    >>> state = tx.init(w)
+    >>> samples = []
+    >>> for _ in range(8):
+    ...     updates, state = tx.update(grad_u(w), state, w)
+    ...     w = optax.apply_updates(w, updates)
+    ...     if is_cycle_end(state.count, 8, 2):   # one sample at the end of every cycle
+    ...         samples.append(w)
+    >>> stack_samples(samples).samples.shape
+    (2, 2)
 
     References:
       Zhang et al., "Cyclical Stochastic Gradient MCMC for Bayesian Deep Learning", ICLR 2020.

@@ -80,7 +80,19 @@ def swag(optimizer: optax.GradientTransformation, swa_start: int = 0, collect_ev
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`SWAGState`.
 
-    >>> tx = swag(optax.sgd(0.01, momentum=0.9), swa_start=100, collect_every=10, max_num_models=5)
+    >>> import fpbma, jax, jax.numpy as jnp
+    >>> grad_fn = jax.grad(lambda w: 0.5 * jnp.sum((w - 1.0) ** 2))
+    >>> tx = swag(optax.sgd(0.1), swa_start=0, collect_every=1, max_num_models=3)
+    >>> w = jnp.zeros(2)
+    >>> state = tx.init(w)
+    >>> for _ in range(4):                      # iterates 0.1, 0.19, 0.271, 0.3439
+    ...     updates, state = tx.update(grad_fn(w), state, w)
+    ...     w = optax.apply_updates(w, updates)
+    >>> q = swag_posterior(state)               # K = 3 deviation columns, the last three
+    >>> int(state.num_models), q.rank, [round(float(v), 4) for v in q.mean]   # w̄ of the 4 iterates
+    (4, 3, [0.2262, 0.2262])
+    >>> fpbma.sample(q, jax.random.PRNGKey(0), 5).shape
+    (5, 2)
 
     References:
       Maddox et al., "A Simple Baseline for Bayesian Uncertainty in Deep Learning", NeurIPS 2019.

@@ -5,6 +5,8 @@
 >>> src[0]["image"].shape, src.info.num_classes
 ((8, 8, 1), 10)
 >>> idx = fpbma.data.few_shot(src, k=4, seed=0)        # 4 indices per class
+>>> len(idx), sorted({int(src[int(i)]["label"]) for i in idx}) == list(range(10))
+(40, True)
 
 ``corrupt_images(images, corruption, severity, indices)`` gives the rows of the corrupted test sets
 ``load("<base>_corrupted/<corruption>_<severity>", "test")`` for any images; ``registry`` holds the

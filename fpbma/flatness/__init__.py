@@ -9,9 +9,18 @@ flat posteriors and that flatter posteriors give better BMA. This package measur
 * :mod:`fpbma.flatness.landscape` — 1-D / 2-D loss slices along filter-normalised or posterior
   directions, and PNG plots.
 
+>>> import jax, jax.numpy as jnp
 >>> import fpbma.flatness
->>> eig = fpbma.flatness.hessian_top_eigenvalues(loss_fn, params, k=5, key=key)      # doctest: +SKIP
->>> tr = fpbma.flatness.hessian_trace(loss_fn, params, key=key, num_samples=100)      # doctest: +SKIP
+>>> loss_fn = lambda w: 0.5 * jnp.sum(jnp.array([1.0, 4.0, 9.0]) * w["w"] ** 2)   # H = diag(1, 4, 9)
+>>> params, key = {"w": jnp.zeros(3)}, jax.random.PRNGKey(0)
+>>> fpbma.flatness.hessian_top_eigenvalues(loss_fn, params, k=2, key=key).round(4).tolist()
+[9.0, 4.0]
+>>> lam, _ = fpbma.flatness.hessian_max_eigenvalue(loss_fn, params, key=key)       # and its eigenvector
+>>> round(float(lam), 4)
+9.0
+>>> tr = fpbma.flatness.hessian_trace(loss_fn, params, key=key, num_samples=100)   # Rademacher probes
+>>> float(tr.trace), float(tr.stderr)       # exact for a diagonal H: zᵀHz = Σ Hᵢᵢ for z ∈ {±1}ⁿ
+(14.0, 0.0)
 """
 
 from fpbma.flatness.hessian import (

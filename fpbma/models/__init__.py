@@ -57,7 +57,8 @@ class ModelSpec:
       build: ``(num_classes, image_size) -> flax module``.
       family: checkpoint family, ``"resnet"``, ``"vit"`` or ``"efficientnet"``.
       image_size: default input side.
-      mean, std: per-channel normalisation of [0, 1] pixels the weights expect.
+      mean: per-channel mean of the [0, 1] pixels the weights expect (subtracted).
+      std: per-channel standard deviation of those pixels (divided by).
       crop_fraction: centre-crop fraction before resizing to ``image_size`` (None: plain resize,
         skipped when the input already has that size).
     """

@@ -2,7 +2,7 @@
 
 EfficientNet-Lite0 (Tan & Le, 2019, arXiv 1905.11946; the "Lite" edge variant of
 tensorflow/tpu ``models/official/efficientnet/lite``) is EfficientNet-B0 without
-squeeze-excitation, with ReLU6 instead of swish and a fixed 32-channel stem / 1280-channel top:
+squeeze-excitation, with ReLU6 instead of swish and a fixed 32-channel stem / 1280-channel top::
 
     stem:   conv3x3/2(32) -> BN -> ReLU6
     blocks: 16 MBConv blocks, stage (repeats, kernel, stride, expand, out) =
@@ -30,9 +30,13 @@ Parameter naming (for FP-BMA's transfer scheme, arXiv 2406.15664, which fine-tun
 normalisation layers + classifier): every BatchNorm module's name contains ``bn``
 (``stem_bn``, ``blocks_3/expand_bn``, ``top_bn`` ...) and the classifier is ``head``.
 
->>> variables = load_efficientnet_lite0()                      # doctest: +SKIP
->>> x = preprocess_efficientnet_lite0(uint8_images)            # doctest: +SKIP
->>> logits = EfficientNetLite0().apply(variables, x, train=False)  # doctest: +SKIP
+>>> import numpy as np
+>>> variables = load_efficientnet_lite0()                      # ImageNet-1k weights, 1000 classes
+>>> x = preprocess_efficientnet_lite0(np.zeros((1, 48, 48, 3), np.uint8), size=32)
+>>> x.shape
+(1, 32, 32, 3)
+>>> EfficientNetLite0().apply(variables, x, train=False).shape
+(1, 1000)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Split a network's parameters into the Bayesian subset and the frozen rest (README "Bayesian transfer learning").
+"""Split a network's parameters into the Bayesian subset and the frozen rest (docs page :doc:`/transfer`).
 
 Schemes:
 

@@ -13,7 +13,7 @@ Three families share one set of blocks:
 Module names follow torchvision's state-dict keys (``conv1``, ``bn1``, ``layer2_0``,
 ``downsample_conv``/``downsample_bn``) so the checkpoint loader is a rename; the classifier is
 ``head`` and every normalisation layer has ``bn`` in its name, which is what
-:func:`fpbma.models.partition.split` keys on for the "nl_ll" subset (README "Bayesian transfer learning").
+:func:`fpbma.models.partition.split` keys on for the "nl_ll" subset (docs page :doc:`/transfer`).
 
 BatchNorm (:class:`BatchNorm`) reproduces ``torch.nn.BatchNorm2d`` exactly:
 

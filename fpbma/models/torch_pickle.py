@@ -31,10 +31,11 @@ Two on-disk layouts are read:
 This is the loader that lets FP-BMA (arXiv 2406.15664) start from pre-trained torchvision /
 EfficientNet-Lite0 weights without importing torch.
 
+>>> from fpbma.models.efficientnet import efficientnet_lite0_weights_path
 >>> from fpbma.models.torch_pickle import load_state_dict
->>> state = load_state_dict("resnet18.pth")         # doctest: +SKIP
->>> state["conv1.weight"].shape                      # doctest: +SKIP
-(64, 3, 7, 7)
+>>> state = load_state_dict(efficientnet_lite0_weights_path())   # a real legacy-format .pth, no torch
+>>> state["_conv_stem.weight"].shape, state["_conv_stem.weight"].dtype.name
+((32, 3, 3, 3), 'float32')
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ device count: every training batch must split evenly over the devices of the ``d
 >>> check(c, "pretrain")
 Traceback (most recent call last):
 ...
-experiments.config_checks.ConfigError: config.transfer.alpha=-1.0 must be > 0 (new head variance).
+experiments.config_checks.ConfigError: config.transfer.alpha=-1.0 must be a number > 0.
 """
 
 from __future__ import annotations

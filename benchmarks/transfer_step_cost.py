@@ -1,6 +1,6 @@
 """Step cost of FP-BMA and SAM relative to SGD for ResNets at 32 px, in the paper's two settings.
 
-* ``nl_ll`` transfer (DESIGN §4): θ is a LowRankGaussian over the normalisation layers and the head;
+* ``nl_ll`` transfer (the scheme of :mod:`fpbma.transfer`): θ is a LowRankGaussian over the normalisation layers and the head;
   every other weight is frozen and *sampled from the LowRank (K=5) prior* at every forward pass.
   SGD and SAM train the same subset as a point estimate with the frozen weights at the prior mean.
 * ``full K=5``: θ is a LowRankGaussian (K = 5) over every weight; SGD and SAM train every weight.

@@ -17,7 +17,8 @@ Two Gaussian families, each a pytree whose fields are trees shaped like the netw
 
   at O(P K²) cost. The K × K contractions are summed leaf by leaf, so no flat P-vector is built.
 
-The Fisher information of q with respect to its own parameters θ (README, "The Fisher, precisely") is
+The Fisher information of q with respect to its own parameters θ (derived per family on the docs page
+*FP-BMA math*, section "The posterior families and their Fisher") is
 
     F_θ = E_{w~q_θ}[∇_θ log q_θ(w) ∇_θ log q_θ(w)ᵀ] = ∇²_Δ KL(q_{θ+Δ} ‖ q_θ) |_{Δ=0}.
 
@@ -74,6 +75,8 @@ class DiagGaussian(NamedTuple):
         """q centred at a point estimate with a constant standard deviation ``std``.
 
         >>> q = DiagGaussian.from_point({"w": jnp.zeros(3)}, std=0.1)
+        >>> [round(float(s), 4) for s in jnp.exp(q.log_std["w"])]
+        [0.1, 0.1, 0.1]
         """
         _check_positive_finite(std, "std")
         _check_finite_tree(params, "params")
@@ -375,7 +378,11 @@ def sample_from_noise(q, noise):
 def sample(q, key: jax.Array, n: Optional[int] = None):
     """One weight pytree w ~ q, or ``n`` of them stacked on a leading axis.
 
-    >>> w = sample(DiagGaussian.from_point({"w": jnp.zeros(3)}, 0.1), jax.random.PRNGKey(0))
+    >>> q = DiagGaussian.from_point({"w": jnp.zeros(3)}, 0.1)
+    >>> sample(q, jax.random.PRNGKey(0))["w"].shape
+    (3,)
+    >>> sample(q, jax.random.PRNGKey(0), 5)["w"].shape        # n samples stacked on a leading axis
+    (5, 3)
     """
     _validate(q)
     if n is None:

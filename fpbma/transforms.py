@@ -592,11 +592,18 @@ def fpbma(
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes ``grad_fn`` (and ``noise`` with
       ``perturbation="released"``).
 
-    >>> tx = fpbma(1e-2, rho=0.05)
-    >>> # state = tx.init(q)
-    >>> # g = grad_loss(q, noise)
-    >>> # updates, state = tx.update(g, state, q, grad_fn=lambda q_: grad_loss(q_, noise))
-    >>> # q = optax.apply_updates(q, updates)
+    >>> import fpbma, jax, jax.numpy as jnp, optax
+    >>> loss = lambda w: 0.5 * jnp.sum((w["w"] - 1.0) ** 2)             # ℓ(w) = ½‖w − 1‖²
+    >>> q = fpbma.DiagGaussian.from_point({"w": jnp.zeros(2)}, std=0.1)
+    >>> tx = fpbma.fpbma(0.1, rho=0.05, momentum=0.0)
+    >>> state = tx.init(q)
+    >>> for key in jax.random.split(jax.random.PRNGKey(0), 50):
+    ...     noise = fpbma.sample_noise(q, key)                          # one ε for both passes
+    ...     grad_fn = jax.grad(lambda t: fpbma.negative_elbo(t, noise, loss))
+    ...     updates, state = tx.update(grad_fn(q), state, q, grad_fn=grad_fn)
+    ...     q = optax.apply_updates(q, updates)
+    >>> int(state.num_skipped), [round(float(m), 1) for m in q.mean["w"]]   # the means reach the minimum
+    (0, [1.0, 1.0])
 
     References:
       Lim et al., "Flat Posterior Does Matter For Bayesian Model Averaging", arXiv:2406.15664.

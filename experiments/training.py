@@ -209,14 +209,16 @@ def run_loop(config, directory: str, trainer: Trainer, data: dict, *, num_steps:
 # Stage 1: the source network.
 
 
-def _source_arrays(config) -> tuple[dict, int]:
-    data = source_data(config)
-    return {"image": normalise(data["image"]), "label": data["label"]}, int(data["label"].max()) + 1
+def _training_arrays(data: dict) -> dict:
+    """The source split as the training loop takes it: normalised images and labels."""
+    return {"image": normalise(data["image"]), "label": data["label"]}
 
 
-def source_model(config):
-    """``(model, initial variables)`` of the source network (source classes, source channels)."""
-    data = source_data(config)
+def source_model(config, data: Optional[dict] = None):
+    """``(model, initial variables)`` of the source network (source classes, source channels).
+
+    ``data``: the source arrays when the caller has them already (:func:`source_data` otherwise)."""
+    data = source_data(config) if data is None else data
     return build_model(config, int(data["label"].max()) + 1, data["image"].shape[-1])
 
 
@@ -264,10 +266,11 @@ def pretrain(config) -> dict:
     """Trains the source network (or, for a pre-trained backbone, its source head); returns its variables."""
     directory = stage_dir(config, "source")
     final = os.path.join(directory, "final")
-    model, variables = source_model(config)
+    source = source_data(config)
+    model, variables = source_model(config, source)
     if os.path.isdir(final):
         return restore(final, variables)
-    data, _ = _source_arrays(config)
+    data = _training_arrays(source)
     n = data["label"].shape[0]
     head_only = bool(pretrained_of(config))
     trainer = (source_head_trainer if head_only else pretrain_trainer)(config, model, variables, n)
@@ -328,12 +331,13 @@ def fit_prior(config, source_variables=None):
     """The SWAG prior over the non-head weights, fitted along SGD on the source data (cached)."""
     directory = stage_dir(config, "prior")
     final = os.path.join(directory, "final")
-    model, variables = source_model(config)
+    source = source_data(config)
+    model, variables = source_model(config, source)
     if os.path.isdir(final):
         return restore(final, prior_like(config, variables))
     if source_variables is None:
         source_variables = restore(os.path.join(stage_dir(config, "source"), "final"), variables)
-    data, _ = _source_arrays(config)
+    data = _training_arrays(source)
     trainer = prior_trainer(config, model, source_variables)
     result = run_loop(config, directory, trainer, data, num_steps=int(config.prior.steps),
                       batch_size=int(config.prior.batch_size), seed=int(config.seed) + 1, desc="SWAG prior",

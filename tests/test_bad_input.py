@@ -79,16 +79,22 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _assert_refused_and_untouched(workdir: Path, start: str, end: str) -> None:
+    """The main job on ``workdir`` raises one ConfigError starting and ending so, and no file changes."""
+    before = _snapshot(workdir)
+    with pytest.raises(config_checks.ConfigError) as e:
+        stages.run_stage("transfer", tiny_config(workdir))
+    assert str(e.value).startswith(start)
+    assert str(e.value).endswith(end)
+    assert _snapshot(workdir) == before
+
+
 def test_a_damaged_cache_file_is_named_with_the_fix(pretrained, tmp_path):
     workdir = _copy(pretrained, tmp_path / "wd")
     (cache,) = (workdir / "data").glob("mnist*.npz")
     cache.write_bytes(cache.read_bytes()[:1000])  # truncated, as by a full disk or a killed copy
-    before = _snapshot(workdir)
-    with pytest.raises(config_checks.ConfigError) as e:
-        stages.run_stage("transfer", tiny_config(workdir))
-    assert str(e.value).startswith(f"cache file {cache} is damaged (")
-    assert str(e.value).endswith(f"delete it (rm '{cache}') and run again: it is rebuilt from the dataset.")
-    assert _snapshot(workdir) == before
+    _assert_refused_and_untouched(workdir, f"cache file {cache} is damaged (",
+                                  f"delete it (rm '{cache}') and run again: it is rebuilt from the dataset.")
 
 
 def test_a_damaged_checkpoint_is_named_with_the_fix(pretrained, tmp_path):
@@ -97,12 +103,8 @@ def test_a_damaged_checkpoint_is_named_with_the_fix(pretrained, tmp_path):
     for f in final.rglob("*"):
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(b"\0" * 16)  # every file of the checkpoint overwritten
-    before = _snapshot(workdir)
-    with pytest.raises(config_checks.ConfigError) as e:
-        stages.run_stage("transfer", tiny_config(workdir))
-    assert str(e.value).startswith(f"checkpoint {final} cannot be restored (")
-    assert str(e.value).endswith(f"delete it (rm -r '{final}') and run again: that stage is rebuilt.")
-    assert _snapshot(workdir) == before
+    _assert_refused_and_untouched(workdir, f"checkpoint {final} cannot be restored (",
+                                  f"delete it (rm -r '{final}') and run again: that stage is rebuilt.")
 
 
 def test_the_command_line_prints_one_line_for_a_non_finite_rate(tmp_path):

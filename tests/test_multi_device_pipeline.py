@@ -26,6 +26,9 @@ import pytest
 
 from fpbma.models.checkpoints import restore_checkpoint
 
+# The 8-device subprocesses of both files run on one xdist worker: two at once on 2 cores starve XLA's
+# collective rendezvous (40 s timeout).
+pytestmark = pytest.mark.xdist_group("eight_host_devices")
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("fpbma", "sgd", "swag", "sgld", "laplace")
 # Training runs 6–12 steps; gradients summed in another order differ by ~1e-7 per step. A wrong

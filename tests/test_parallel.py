@@ -22,6 +22,9 @@ import pytest
 from fpbma import parallel
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
+# The 8-device subprocesses of both files run on one xdist worker: two at once on 2 cores starve XLA's
+# collective rendezvous (40 s timeout).
+pytestmark = pytest.mark.xdist_group("eight_host_devices")
 ROOT = Path(__file__).resolve().parents[1]
 FLOAT32_REDUCTION_TOL = 2e-6  # observed differences are ~1e-7; a wrong all-reduce gives ~1e-2
 

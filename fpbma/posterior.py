@@ -15,7 +15,8 @@ Two Gaussian families, each a pytree whose fields are trees shaped like the netw
 
       Σ⁻¹ v = A⁻¹ v − A⁻¹ Uᵀ M⁻¹ U A⁻¹ v,      log|Σ| = Σᵢ log aᵢ + log|M|,
 
-  at O(P K²) cost. The K × K contractions are summed leaf by leaf, so no flat P-vector is built.
+  at O(P K²) cost. The O(P) work runs on flat buffers: μ and log σ concatenated into P-vectors and D
+  into one K × P matrix, so the traced computation has the same size for any number of leaves.
 
 The Fisher information of q with respect to its own parameters θ (README, "The Fisher, precisely") is
 
@@ -222,6 +223,71 @@ def _validate_like(q, v, name: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Flat buffers. Every O(P) computation of the posterior algebra (Gram products, Woodbury solves, the KL,
+# the Fisher) runs on the parameters concatenated into one vector, and the deviation columns into one
+# (K, P) matrix: a parameter tree of L leaves then traces into a fixed number of operations instead of
+# L copies of each, so the compile time of a step does not grow with L. The concatenation is a copy of
+# θ (one pass over it); splitting a result back into leaves is a view.
+
+
+class _Layout:
+    """The leaf shapes of a parameter tree, to concatenate trees shaped like it and split flat results."""
+
+    def __init__(self, tree):
+        leaves, self.treedef = jax.tree.flatten(tree)
+        self.shapes = [tuple(jnp.shape(x)) for x in leaves]
+        self.sizes = [int(np.prod(s)) for s in self.shapes]
+
+    def ravel(self, tree, lead: int = 0) -> jax.Array:
+        """The leaves of ``tree`` (shaped like the layout's, with ``lead`` extra leading axes) as one
+        array of shape (*lead axes, P)."""
+        leaves = self.treedef.flatten_up_to(tree)
+        parts = [jnp.reshape(x, jnp.shape(x)[:lead] + (-1,)) for x in leaves]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=lead)
+
+    def unravel(self, flat: jax.Array):
+        """The inverse of :meth:`ravel`: (*lead, P) → a tree of (*lead, *leaf shape) leaves."""
+        lead = jnp.shape(flat)[:-1]
+        parts = [flat] if len(self.sizes) == 1 else jnp.split(flat, np.cumsum(self.sizes)[:-1], axis=-1)
+        return jax.tree.unflatten(self.treedef, [x.reshape(lead + s) for x, s in zip(parts, self.shapes)])
+
+
+def _flat_dtype(*trees):
+    """The common dtype of every leaf, or None when the leaves disagree (those keep the leaf-wise path,
+    whose per-leaf dtype promotion a single flat buffer cannot reproduce)."""
+    dtypes = {jnp.result_type(x) for t in trees for x in _leaves(t)}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _is_flat(q) -> bool:
+    return jax.tree.structure(q.mean).num_leaves == 1 and jnp.ndim(_leaves(q.mean)[0]) == 1
+
+
+def _flatten(q, *others):
+    """(layout, q, *others) with every posterior-shaped argument as a one-leaf posterior of flat fields
+    (mean and log σ of shape (P,), D of shape (K, P)) and every mean-shaped argument (a plain tree) as a
+    (P,) vector; ``layout`` is None (and the arguments unchanged) when leaf dtypes differ or q is flat."""
+    if _is_flat(q) or _flat_dtype(q, *others) is None:
+        return None, q, *others
+    layout = _Layout(q.mean)
+
+    def flat(x):
+        if isinstance(x, (DiagGaussian, LowRankGaussian)):
+            return type(x)(*[layout.ravel(f, lead=1 if name == "cov_factor" else 0) for name, f in zip(x._fields, x)])
+        return layout.ravel(x)
+
+    return layout, flat(q), *[flat(x) for x in others]
+
+
+def _unflatten(layout: Optional[_Layout], x):
+    """Splits a flat posterior-shaped or mean-shaped result back into the layout's leaves."""
+    if layout is None:
+        return x
+    if isinstance(x, (DiagGaussian, LowRankGaussian)):
+        return type(x)(*[layout.unravel(f) for f in x])
+    return layout.unravel(x)
+
+# ----------------------------------------------------------------------------------------------
 # Leaf-wise helpers for the low-rank algebra (K × P "matrices" are trees with a leading K axis).
 
 
@@ -360,15 +426,17 @@ def sample_from_noise(q, noise):
     DiagGaussian: w = μ + σ ⊙ ε.  LowRankGaussian: w = μ + (σ ⊙ ε₁ + D ε₂ / √(K − 1)) / √2.
     """
     if isinstance(q, DiagGaussian):
-        return jax.tree.map(lambda m, s, e: m + jnp.exp(s) * e, q.mean, q.log_std, noise)
+        layout, q, noise = _flatten(q, noise)
+        return _unflatten(layout, jax.tree.map(lambda m, s, e: m + jnp.exp(s) * e, q.mean, q.log_std, noise))
     if isinstance(q, LowRankGaussian):
         k = _rank(q)
         if not isinstance(noise, LowRankNoise):
             raise TypeError("noise for a LowRankGaussian must be a LowRankNoise(diag, rank); "
                             "use fpbma.sample_noise(q, key).")
+        layout, q, diag = _flatten(q, noise.diag)
         low = _combine(noise.rank / math.sqrt(k - 1), q.cov_factor)
-        return jax.tree.map(lambda m, s, e, l: m + (jnp.exp(s) * e + l) / math.sqrt(2.0),
-                            q.mean, q.log_std, noise.diag, low)
+        return _unflatten(layout, jax.tree.map(lambda m, s, e, l: m + (jnp.exp(s) * e + l) / math.sqrt(2.0),
+                                               q.mean, q.log_std, diag, low))
     raise TypeError(f"Expected a DiagGaussian or LowRankGaussian, got {type(q).__name__}.")
 
 
@@ -402,6 +470,7 @@ def log_prob(q, w) -> jax.Array:
     """
     _validate(q)
     _check_same_structure(q.mean, w, "q.mean", "w")
+    _, q, w = _flatten(q, w)
     if isinstance(q, DiagGaussian):
         return _tree_sum(jax.tree.map(lambda m, s, x: distrax.Normal(m, jnp.exp(s)).log_prob(x),
                                       q.mean, q.log_std, w))
@@ -430,6 +499,7 @@ def kl_divergence(q, p) -> jax.Array:
     _validate(q)
     _validate(p)
     _check_same_structure(q.mean, p.mean, "q.mean", "p.mean")
+    _, q, p = _flatten(q, p)
     if isinstance(q, DiagGaussian):
         return _tree_sum(jax.tree.map(
             lambda mq, sq, mp, sp: distrax.Normal(mq, jnp.exp(sq)).kl_divergence(distrax.Normal(mp, jnp.exp(sp))),
@@ -560,7 +630,8 @@ def fisher_diagonal(q, damping: float = 0.0):
     """
     _validate(q)
     _check_damping(damping)
-    return _fisher_diagonal(q, damping, None if isinstance(q, DiagGaussian) else _woodbury(q))
+    layout, q = _flatten(q)
+    return _unflatten(layout, _fisher_diagonal(q, damping, None if isinstance(q, DiagGaussian) else _woodbury(q)))
 
 
 def _fisher_diagonal(q, damping, wb: Optional[_Woodbury]):
@@ -604,13 +675,14 @@ def fisher_vp(q, v, damping: float = 0.0):
     λ ≥ 0 is added to the covariance block only.
     """
     _validate_like(q, v, "v")
+    layout, q, v = _flatten(q, v)
     fd, wb = _fisher_and_woodbury(q, damping)
     if isinstance(q, DiagGaussian):
-        return DiagGaussian(mean=jax.tree.map(jnp.multiply, fd.mean, v.mean),
-                            log_std=jax.tree.map(jnp.multiply, fd.log_std, v.log_std))
-    return LowRankGaussian(mean=_sigma_inv_vp(wb, v.mean),
-                           log_std=jax.tree.map(jnp.multiply, fd.log_std, v.log_std),
-                           cov_factor=jax.tree.map(jnp.multiply, fd.cov_factor, v.cov_factor))
+        return _unflatten(layout, DiagGaussian(mean=jax.tree.map(jnp.multiply, fd.mean, v.mean),
+                                               log_std=jax.tree.map(jnp.multiply, fd.log_std, v.log_std)))
+    return _unflatten(layout, LowRankGaussian(mean=_sigma_inv_vp(wb, v.mean),
+                                              log_std=jax.tree.map(jnp.multiply, fd.log_std, v.log_std),
+                                              cov_factor=jax.tree.map(jnp.multiply, fd.cov_factor, v.cov_factor)))
 
 
 def inverse_fisher_vp(q, v, damping: float = 0.0):
@@ -621,13 +693,14 @@ def inverse_fisher_vp(q, v, damping: float = 0.0):
     Fisher there, so pass ``damping > 0`` when D may contain zero columns.
     """
     _validate_like(q, v, "v")
+    layout, q, v = _flatten(q, v)
     fd, wb = _fisher_and_woodbury(q, damping)
     if isinstance(q, DiagGaussian):
-        return DiagGaussian(mean=jax.tree.map(lambda s, x: jnp.exp(2.0 * s) * x, q.log_std, v.mean),
-                            log_std=jax.tree.map(jnp.divide, v.log_std, fd.log_std))
-    return LowRankGaussian(mean=_sigma_vp(wb, v.mean),
-                           log_std=jax.tree.map(jnp.divide, v.log_std, fd.log_std),
-                           cov_factor=jax.tree.map(jnp.divide, v.cov_factor, fd.cov_factor))
+        return _unflatten(layout, DiagGaussian(mean=jax.tree.map(lambda s, x: jnp.exp(2.0 * s) * x, q.log_std, v.mean),
+                                               log_std=jax.tree.map(jnp.divide, v.log_std, fd.log_std)))
+    return _unflatten(layout, LowRankGaussian(mean=_sigma_vp(wb, v.mean),
+                                              log_std=jax.tree.map(jnp.divide, v.log_std, fd.log_std),
+                                              cov_factor=jax.tree.map(jnp.divide, v.cov_factor, fd.cov_factor)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -682,6 +755,7 @@ def kl_along_line(q, direction, mean_quad: Optional[jax.Array] = None):
     """
     _validate(q)
     _validate_like(q, direction, "direction")
+    _, q, direction = _flatten(q, direction)
     if isinstance(q, DiagGaussian):
         if mean_quad is None:
             mean_quad = _tree_sum(jax.tree.map(lambda m, s: jnp.square(m * jnp.exp(-s)), direction.mean, q.log_std))

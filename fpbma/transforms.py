@@ -272,6 +272,13 @@ def fisher_perturbation(q, g, rho, damping: float = 0.0, radius: str = "exact_kl
     """
     _check_radius_rule(radius, radius_steps)
     _check_blocks(blocks)
+    post._validate_like(q, g, "g")
+    # All of it on flat buffers (θ as P-vectors and a K × P matrix), split back into leaves once at the end.
+    layout, q, g = post._flatten(q, g)
+    return post._unflatten(layout, _flat_fisher_perturbation(q, g, rho, damping, radius, radius_steps, blocks))
+
+
+def _flat_fisher_perturbation(q, g, rho, damping, radius, radius_steps, blocks):
     if blocks == "mean":
         g = _mean_block(g)
     direction = post.inverse_fisher_vp(q, g, damping)
@@ -387,8 +394,6 @@ def perturb_in_kl_ball(rho: float, damping: float = 0.0, batch_axis_name: Option
     _check_number(damping, "damping", low=0.0)
     _check_blocks(blocks)
     _check_radius_rule(radius, radius_steps)
-    if radius == "second_order" and blocks == "all":
-        return perturb_along_metric(rho, lambda q, g: post.inverse_fisher_vp(q, g, damping), batch_axis_name)
     return _perturb_by(rho, lambda q, g, _: fisher_perturbation(q, g, rho, damping, radius, radius_steps, blocks),
                        batch_axis_name)
 

@@ -400,7 +400,19 @@ def tree_normal_like(key: jax.Array, tree):
         return tree
     dtypes = [jnp.result_type(x, jnp.float32) for x in leaves]
     sizes = [int(np.size(x)) for x in leaves]
-    flat = jax.random.normal(key, (sum(sizes),), jnp.result_type(*dtypes))
+    shape, dtype = (sum(sizes),), jnp.result_type(*dtypes)
+    if len(leaves) > 1:
+        # The draw inside a conditional whose predicate is always true (x ≠ x + 1 for unsigned x) but not known
+        # to the compiler, so the normals are materialised once. Otherwise XLA fuses the bits-to-normal
+        # transform (an erf⁻¹ polynomial) into the consumer of every leaf's slice and compiles one copy of it
+        # per leaf: most of the compile time of a step on a deep network. The values are those of
+        # jax.random.normal(key, (P,)).
+        word = jax.random.key_data(key).reshape(-1)[0] if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) \
+            else jnp.ravel(key)[0]
+        flat = jax.lax.cond(word != word + jnp.ones_like(word), lambda k: jax.random.normal(k, shape, dtype),
+                            lambda k: jnp.zeros(shape, dtype), key)
+    else:
+        flat = jax.random.normal(key, shape, dtype)
     offsets = np.cumsum([0] + sizes)
     return jax.tree.unflatten(treedef, [flat[a:b].reshape(jnp.shape(x)).astype(d)
                                         for a, b, x, d in zip(offsets[:-1], offsets[1:], leaves, dtypes)])
@@ -426,17 +438,16 @@ def sample_from_noise(q, noise):
     DiagGaussian: w = μ + σ ⊙ ε.  LowRankGaussian: w = μ + (σ ⊙ ε₁ + D ε₂ / √(K − 1)) / √2.
     """
     if isinstance(q, DiagGaussian):
-        layout, q, noise = _flatten(q, noise)
-        return _unflatten(layout, jax.tree.map(lambda m, s, e: m + jnp.exp(s) * e, q.mean, q.log_std, noise))
+        return jax.tree.map(lambda m, s, e: m + jnp.exp(s) * e, q.mean, q.log_std, noise)
     if isinstance(q, LowRankGaussian):
         k = _rank(q)
         if not isinstance(noise, LowRankNoise):
             raise TypeError("noise for a LowRankGaussian must be a LowRankNoise(diag, rank); "
                             "use fpbma.sample_noise(q, key).")
-        layout, q, diag = _flatten(q, noise.diag)
+        # Leaf by leaf, on purpose: each leaf's sample fuses with the layer that consumes it.
         low = _combine(noise.rank / math.sqrt(k - 1), q.cov_factor)
-        return _unflatten(layout, jax.tree.map(lambda m, s, e, l: m + (jnp.exp(s) * e + l) / math.sqrt(2.0),
-                                               q.mean, q.log_std, diag, low))
+        return jax.tree.map(lambda m, s, e, l: m + (jnp.exp(s) * e + l) / math.sqrt(2.0),
+                            q.mean, q.log_std, noise.diag, low)
     raise TypeError(f"Expected a DiagGaussian or LowRankGaussian, got {type(q).__name__}.")
 
 

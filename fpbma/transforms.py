@@ -505,7 +505,11 @@ class SkipNonFiniteState(NamedTuple):
 
 def _all_finite(tree) -> jax.Array:
     leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.asarray(True)
+    if not leaves:
+        return jnp.asarray(True)
+    # One reduction over the concatenated leaves (XLA fuses the concatenation into it): a reduction per leaf
+    # compiles one kernel per leaf of every field.
+    return jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(x) for x in leaves])))
 
 
 def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:

@@ -279,6 +279,7 @@ def fisher_perturbation(q, g, rho, damping: float = 0.0, radius: str = "exact_kl
 
 
 def _flat_fisher_perturbation(q, g, rho, damping, radius, radius_steps, blocks):
+    """:func:`fisher_perturbation` for q and g already flat (one-leaf fields: P-vectors, D as K × P)."""
     if blocks == "mean":
         g = _mean_block(g)
     direction = post.inverse_fisher_vp(q, g, damping)

@@ -15,7 +15,8 @@ Two Gaussian families, each a pytree whose fields are trees shaped like the netw
 
       Σ⁻¹ v = A⁻¹ v − A⁻¹ Uᵀ M⁻¹ U A⁻¹ v,      log|Σ| = Σᵢ log aᵢ + log|M|,
 
-  at O(P K²) cost. The K × K contractions are summed leaf by leaf, so no flat P-vector is built.
+  at O(P K²) cost. The O(P) work runs on flat buffers: μ and log σ concatenated into P-vectors and D
+  into one K × P matrix, so the traced computation has the same size for any number of leaves.
 
 The Fisher information of q with respect to its own parameters θ (derived per family on the docs page
 *FP-BMA math*, section "The posterior families and their Fisher") is
@@ -225,6 +226,71 @@ def _validate_like(q, v, name: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Flat buffers. Every O(P) computation of the posterior algebra (Gram products, Woodbury solves, the KL,
+# the Fisher) runs on the parameters concatenated into one vector, and the deviation columns into one
+# (K, P) matrix: a parameter tree of L leaves then traces into a fixed number of operations instead of
+# L copies of each, so the compile time of a step does not grow with L. The concatenation is a copy of
+# θ (one pass over it); splitting a result back into leaves is a view.
+
+
+class _Layout:
+    """The leaf shapes of a parameter tree, to concatenate trees shaped like it and split flat results."""
+
+    def __init__(self, tree):
+        leaves, self.treedef = jax.tree.flatten(tree)
+        self.shapes = [tuple(jnp.shape(x)) for x in leaves]
+        self.sizes = [int(np.prod(s)) for s in self.shapes]
+
+    def ravel(self, tree, lead: int = 0) -> jax.Array:
+        """The leaves of ``tree`` (shaped like the layout's, with ``lead`` extra leading axes) as one
+        array of shape (*lead axes, P)."""
+        leaves = self.treedef.flatten_up_to(tree)
+        parts = [jnp.reshape(x, jnp.shape(x)[:lead] + (-1,)) for x in leaves]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=lead)
+
+    def unravel(self, flat: jax.Array):
+        """The inverse of :meth:`ravel`: (*lead, P) → a tree of (*lead, *leaf shape) leaves."""
+        lead = jnp.shape(flat)[:-1]
+        parts = [flat] if len(self.sizes) == 1 else jnp.split(flat, np.cumsum(self.sizes)[:-1], axis=-1)
+        return jax.tree.unflatten(self.treedef, [x.reshape(lead + s) for x, s in zip(parts, self.shapes)])
+
+
+def _flat_dtype(*trees):
+    """The common dtype of every leaf, or None when the leaves disagree (those keep the leaf-wise path,
+    whose per-leaf dtype promotion a single flat buffer cannot reproduce)."""
+    dtypes = {jnp.result_type(x) for t in trees for x in _leaves(t)}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _is_flat(q) -> bool:
+    return jax.tree.structure(q.mean).num_leaves == 1 and jnp.ndim(_leaves(q.mean)[0]) == 1
+
+
+def _flatten(q, *others):
+    """(layout, q, *others) with every posterior-shaped argument as a one-leaf posterior of flat fields
+    (mean and log σ of shape (P,), D of shape (K, P)) and every mean-shaped argument (a plain tree) as a
+    (P,) vector; ``layout`` is None (and the arguments unchanged) when leaf dtypes differ or q is flat."""
+    if _is_flat(q) or _flat_dtype(q, *others) is None:
+        return None, q, *others
+    layout = _Layout(q.mean)
+
+    def flat(x):
+        if isinstance(x, (DiagGaussian, LowRankGaussian)):
+            return type(x)(*[layout.ravel(f, lead=1 if name == "cov_factor" else 0) for name, f in zip(x._fields, x)])
+        return layout.ravel(x)
+
+    return layout, flat(q), *[flat(x) for x in others]
+
+
+def _unflatten(layout: Optional[_Layout], x):
+    """Splits a flat posterior-shaped or mean-shaped result back into the layout's leaves."""
+    if layout is None:
+        return x
+    if isinstance(x, (DiagGaussian, LowRankGaussian)):
+        return type(x)(*[layout.unravel(f) for f in x])
+    return layout.unravel(x)
+
+# ----------------------------------------------------------------------------------------------
 # Leaf-wise helpers for the low-rank algebra (K × P "matrices" are trees with a leading K axis).
 
 
@@ -337,7 +403,19 @@ def tree_normal_like(key: jax.Array, tree):
         return tree
     dtypes = [jnp.result_type(x, jnp.float32) for x in leaves]
     sizes = [int(np.size(x)) for x in leaves]
-    flat = jax.random.normal(key, (sum(sizes),), jnp.result_type(*dtypes))
+    shape, dtype = (sum(sizes),), jnp.result_type(*dtypes)
+    if len(leaves) > 1:
+        # The draw inside a conditional whose predicate is always true (x ≠ x + 1 for unsigned x) but not known
+        # to the compiler, so the normals are materialised once. Otherwise XLA fuses the bits-to-normal
+        # transform (an erf⁻¹ polynomial) into the consumer of every leaf's slice and compiles one copy of it
+        # per leaf: most of the compile time of a step on a deep network. The values are those of
+        # jax.random.normal(key, (P,)).
+        word = jax.random.key_data(key).reshape(-1)[0] if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) \
+            else jnp.ravel(key)[0]
+        flat = jax.lax.cond(word != word + jnp.ones_like(word), lambda k: jax.random.normal(k, shape, dtype),
+                            lambda k: jnp.zeros(shape, dtype), key)
+    else:
+        flat = jax.random.normal(key, shape, dtype)
     offsets = np.cumsum([0] + sizes)
     return jax.tree.unflatten(treedef, [flat[a:b].reshape(jnp.shape(x)).astype(d)
                                         for a, b, x, d in zip(offsets[:-1], offsets[1:], leaves, dtypes)])
@@ -369,6 +447,7 @@ def sample_from_noise(q, noise):
         if not isinstance(noise, LowRankNoise):
             raise TypeError("noise for a LowRankGaussian must be a LowRankNoise(diag, rank); "
                             "use fpbma.sample_noise(q, key).")
+        # Leaf by leaf, on purpose: each leaf's sample fuses with the layer that consumes it.
         low = _combine(noise.rank / math.sqrt(k - 1), q.cov_factor)
         return jax.tree.map(lambda m, s, e, l: m + (jnp.exp(s) * e + l) / math.sqrt(2.0),
                             q.mean, q.log_std, noise.diag, low)
@@ -409,6 +488,7 @@ def log_prob(q, w) -> jax.Array:
     """
     _validate(q)
     _check_same_structure(q.mean, w, "q.mean", "w")
+    _, q, w = _flatten(q, w)
     if isinstance(q, DiagGaussian):
         return _tree_sum(jax.tree.map(lambda m, s, x: distrax.Normal(m, jnp.exp(s)).log_prob(x),
                                       q.mean, q.log_std, w))
@@ -437,6 +517,7 @@ def kl_divergence(q, p) -> jax.Array:
     _validate(q)
     _validate(p)
     _check_same_structure(q.mean, p.mean, "q.mean", "p.mean")
+    _, q, p = _flatten(q, p)
     if isinstance(q, DiagGaussian):
         return _tree_sum(jax.tree.map(
             lambda mq, sq, mp, sp: distrax.Normal(mq, jnp.exp(sq)).kl_divergence(distrax.Normal(mp, jnp.exp(sp))),
@@ -567,7 +648,8 @@ def fisher_diagonal(q, damping: float = 0.0):
     """
     _validate(q)
     _check_damping(damping)
-    return _fisher_diagonal(q, damping, None if isinstance(q, DiagGaussian) else _woodbury(q))
+    layout, q = _flatten(q)
+    return _unflatten(layout, _fisher_diagonal(q, damping, None if isinstance(q, DiagGaussian) else _woodbury(q)))
 
 
 def _fisher_diagonal(q, damping, wb: Optional[_Woodbury]):
@@ -611,13 +693,14 @@ def fisher_vp(q, v, damping: float = 0.0):
     λ ≥ 0 is added to the covariance block only.
     """
     _validate_like(q, v, "v")
+    layout, q, v = _flatten(q, v)
     fd, wb = _fisher_and_woodbury(q, damping)
     if isinstance(q, DiagGaussian):
-        return DiagGaussian(mean=jax.tree.map(jnp.multiply, fd.mean, v.mean),
-                            log_std=jax.tree.map(jnp.multiply, fd.log_std, v.log_std))
-    return LowRankGaussian(mean=_sigma_inv_vp(wb, v.mean),
-                           log_std=jax.tree.map(jnp.multiply, fd.log_std, v.log_std),
-                           cov_factor=jax.tree.map(jnp.multiply, fd.cov_factor, v.cov_factor))
+        return _unflatten(layout, DiagGaussian(mean=jax.tree.map(jnp.multiply, fd.mean, v.mean),
+                                               log_std=jax.tree.map(jnp.multiply, fd.log_std, v.log_std)))
+    return _unflatten(layout, LowRankGaussian(mean=_sigma_inv_vp(wb, v.mean),
+                                              log_std=jax.tree.map(jnp.multiply, fd.log_std, v.log_std),
+                                              cov_factor=jax.tree.map(jnp.multiply, fd.cov_factor, v.cov_factor)))
 
 
 def inverse_fisher_vp(q, v, damping: float = 0.0):
@@ -628,13 +711,14 @@ def inverse_fisher_vp(q, v, damping: float = 0.0):
     Fisher there, so pass ``damping > 0`` when D may contain zero columns.
     """
     _validate_like(q, v, "v")
+    layout, q, v = _flatten(q, v)
     fd, wb = _fisher_and_woodbury(q, damping)
     if isinstance(q, DiagGaussian):
-        return DiagGaussian(mean=jax.tree.map(lambda s, x: jnp.exp(2.0 * s) * x, q.log_std, v.mean),
-                            log_std=jax.tree.map(jnp.divide, v.log_std, fd.log_std))
-    return LowRankGaussian(mean=_sigma_vp(wb, v.mean),
-                           log_std=jax.tree.map(jnp.divide, v.log_std, fd.log_std),
-                           cov_factor=jax.tree.map(jnp.divide, v.cov_factor, fd.cov_factor))
+        return _unflatten(layout, DiagGaussian(mean=jax.tree.map(lambda s, x: jnp.exp(2.0 * s) * x, q.log_std, v.mean),
+                                               log_std=jax.tree.map(jnp.divide, v.log_std, fd.log_std)))
+    return _unflatten(layout, LowRankGaussian(mean=_sigma_vp(wb, v.mean),
+                                              log_std=jax.tree.map(jnp.divide, v.log_std, fd.log_std),
+                                              cov_factor=jax.tree.map(jnp.divide, v.cov_factor, fd.cov_factor)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -689,6 +773,7 @@ def kl_along_line(q, direction, mean_quad: Optional[jax.Array] = None):
     """
     _validate(q)
     _validate_like(q, direction, "direction")
+    _, q, direction = _flatten(q, direction)
     if isinstance(q, DiagGaussian):
         if mean_quad is None:
             mean_quad = _tree_sum(jax.tree.map(lambda m, s: jnp.square(m * jnp.exp(-s)), direction.mean, q.log_std))

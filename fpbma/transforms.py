@@ -272,6 +272,14 @@ def fisher_perturbation(q, g, rho, damping: float = 0.0, radius: str = "exact_kl
     """
     _check_radius_rule(radius, radius_steps)
     _check_blocks(blocks)
+    post._validate_like(q, g, "g")
+    # All of it on flat buffers (θ as P-vectors and a K × P matrix), split back into leaves once at the end.
+    layout, q, g = post._flatten(q, g)
+    return post._unflatten(layout, _flat_fisher_perturbation(q, g, rho, damping, radius, radius_steps, blocks))
+
+
+def _flat_fisher_perturbation(q, g, rho, damping, radius, radius_steps, blocks):
+    """:func:`fisher_perturbation` for q and g already flat (one-leaf fields: P-vectors, D as K × P)."""
     if blocks == "mean":
         g = _mean_block(g)
     direction = post.inverse_fisher_vp(q, g, damping)
@@ -387,8 +395,6 @@ def perturb_in_kl_ball(rho: float, damping: float = 0.0, batch_axis_name: Option
     _check_number(damping, "damping", low=0.0)
     _check_blocks(blocks)
     _check_radius_rule(radius, radius_steps)
-    if radius == "second_order" and blocks == "all":
-        return perturb_along_metric(rho, lambda q, g: post.inverse_fisher_vp(q, g, damping), batch_axis_name)
     return _perturb_by(rho, lambda q, g, _: fisher_perturbation(q, g, rho, damping, radius, radius_steps, blocks),
                        batch_axis_name)
 
@@ -500,7 +506,11 @@ class SkipNonFiniteState(NamedTuple):
 
 def _all_finite(tree) -> jax.Array:
     leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.asarray(True)
+    if not leaves:
+        return jnp.asarray(True)
+    # One reduction over the concatenated leaves (XLA fuses the concatenation into it): a reduction per leaf
+    # compiles one kernel per leaf of every field.
+    return jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(x) for x in leaves])))
 
 
 def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:

@@ -1,0 +1,121 @@
+"""Compile time of FP-BMA's train step beside SGD's on the same model and trainable subset, in one run.
+
+For each row (model × subset × method) it reports the seconds of ``jax.jit(step).lower(*args).compile()``
+(tracing, lowering and XLA compilation of one step), the steady seconds of one step of the compiled
+executable (median of ``--steps`` calls after one warm-up), and the FP-BMA / SGD ratio of each.
+
+Subsets:
+
+* ``nl_ll``: θ is a LowRankGaussian (K = 5) over the normalisation layers and the head; the other weights
+  are frozen and drawn from a LowRank (K = 5) prior at every pass (the transfer setting). SGD trains the
+  same subset as a point estimate with the frozen weights at the prior mean.
+* ``full``: θ is a LowRankGaussian (K = 5) over every weight; SGD trains every weight.
+* ``own``: the README's own-loop pattern, ``fpbma.fpbma`` + ``fpbma.negative_elbo`` in a hand-written
+  step (K = 5 over every weight, KL to a LowRank prior), against a hand-written SGD step.
+
+``nl_ll`` and ``full`` use the library's step (:func:`fpbma.parallel.make_train_step`). Only ratios
+measured in the same run are comparable: on a machine shared with other processes the absolute seconds
+are noisy.
+
+    PYTHONPATH=. python -m benchmarks.compile_time                              # resnet20: nl_ll, full, own
+    PYTHONPATH=. python -m benchmarks.compile_time --models resnet20 resnet18_small --subsets nl_ll full
+    PYTHONPATH=. python -m benchmarks.compile_time --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import fpbma
+import fpbma.models as M
+from benchmarks.transfer_step_cost import cross_entropy, low_rank_prior, make_setups
+
+
+def own_loop_setups(model, variables, key, batch):
+    """{method: (step, args)} for the README's own-loop pattern: ``step(q, state, key)``."""
+    params, stats = variables["params"], variables["batch_stats"]
+    prior = low_rank_prior(params, key)
+
+    def loss(w):
+        logits, _ = model.apply({"params": w, "batch_stats": stats}, batch["image"], train=True,
+                                mutable=["batch_stats"])
+        return cross_entropy(logits, batch["label"])
+
+    sgd = optax.sgd(0.01, momentum=0.9)
+
+    def sgd_step(p, state, key):
+        del key
+        updates, state = sgd.update(jax.grad(loss)(p), state, p)
+        return optax.apply_updates(p, updates), state
+
+    tx = fpbma.fpbma(0.01, rho=0.05)
+
+    def fpbma_step(q, state, key):
+        noise = fpbma.sample_noise(q, key)
+        grad_fn = jax.grad(lambda t: fpbma.negative_elbo(t, noise, loss, prior, num_data=50_000))
+        updates, state = tx.update(grad_fn(q), state, q, grad_fn=grad_fn)
+        return optax.apply_updates(q, updates), state
+
+    return {"sgd": (sgd_step, (params, sgd.init(params), key)),
+            "fpbma": (fpbma_step, (prior, tx.init(prior), key))}
+
+
+def library_setups(model, variables, key, batch, subset):
+    """{method: (step, args)} for the library step ``step(state, batch, key)`` (SGD and default FP-BMA)."""
+    setups = make_setups(model, variables, key, subset)
+    return {name: (setups[name][0], (setups[name][1], batch, key)) for name in ("sgd", "fpbma")}
+
+
+def measure(step, args, steps):
+    """(compile seconds, median steady seconds per step) of ``jax.jit(step)`` at ``args``."""
+    t0 = time.perf_counter()
+    compiled = jax.jit(step).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    out = compiled(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return compile_s, statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet20"])
+    parser.add_argument("--subsets", nargs="+", default=["nl_ll", "full", "own"], choices=["nl_ll", "full", "own"])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per row (median)")
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f} at start; batch {args.batch}, 32 px, K = 5, "
+          f"steady step = median of {args.steps}")
+    print("| model | subset | leaves of μ | SGD compile s | FP-BMA compile s | compile ratio | "
+          "SGD step s | FP-BMA step s | step ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    key = jax.random.PRNGKey(0)
+    for name in args.models:
+        model, variables = M.create(name, 10, key=key, image_size=32)
+        batch = {"image": jax.random.normal(key, (args.batch, 32, 32, 3)), "label": jnp.arange(args.batch) % 10}
+        for subset in args.subsets:
+            rows = (own_loop_setups(model, variables, key, batch) if subset == "own"
+                    else library_setups(model, variables, key, batch, subset))
+            q = rows["fpbma"][1][0]
+            leaves = len(jax.tree_util.tree_leaves((q if subset == "own" else q.params).mean))
+            res = {method: measure(step, step_args, args.steps) for method, (step, step_args) in rows.items()}
+            (cs, ss), (cf, sf) = res["sgd"], res["fpbma"]
+            print(f"| {name} | {subset} | {leaves} | {cs:.1f} | {cf:.1f} | {cf / cs:.1f} | "
+                  f"{ss:.3f} | {sf:.3f} | {sf / ss:.2f} |", flush=True)
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -38,8 +38,9 @@ from experiments.config_checks import ConfigError, method_settings, test_from_tr
 from fpbma import methods
 
 # The layout of a method's train state (fpbma.types.TrainState); raised when it changes so that no run
-# restores a checkpoint of another layout (2: the state carries model_state and the step's metrics).
-STATE_FORMAT = 2
+# restores a checkpoint of another layout (2: the state carries model_state and the step's metrics; 3: FP-BMA
+# and VI keep their optimizer state on flat buffers).
+STATE_FORMAT = 3
 
 
 def digest(obj) -> str:

@@ -7,6 +7,7 @@ composable optax transforms (:mod:`fpbma.transforms`); every training method beh
 
 from fpbma.posterior import (
     DiagGaussian,
+    FlatLayout,
     LowRankGaussian,
     LowRankNoise,
     fisher_diagonal,
@@ -27,6 +28,7 @@ from fpbma.transforms import (
     fisher_perturbation,
     fpbma,
     negative_elbo,
+    on_flat_posterior,
     perturb_along_metric,
     perturb_along_score,
     perturb_in_kl_ball,

@@ -259,28 +259,35 @@ def make_train_step(
         noise_key, loss_key = jax.random.split(step_key)
         compute_batch = _cast_floating(batch, compute_dtype)
         posterior = _is_posterior(state.params)
-        noise = post.sample_noise(state.params, noise_key) if posterior else None
+        layout = _step_layout(state, tx)
+        theta0 = layout.flatten(state.params) if layout else state.params
+        flat_prior = layout.flatten(prior) if layout and prior is not None else prior
+        noise = post.sample_noise(theta0, noise_key) if posterior else None
 
         def objective(theta):
             w = post.sample_from_noise(theta, noise) if posterior else theta
+            if layout:
+                w = layout.leaves(w)
             loss, new_model_state = loss_fn(_cast_floating(w, compute_dtype), state.model_state,
                                             compute_batch, loss_key)
             loss = jnp.asarray(loss, jnp.float32)
             total = loss
             if posterior and prior is not None:
-                total = total + kl_weight * post.kl_divergence(theta, prior) / num_data
+                total = total + kl_weight * post.kl_divergence(theta, flat_prior) / num_data
             return total, (loss, new_model_state)
 
         def grad_fn(theta):
             return _mean_over(jax.grad(lambda t: objective(t)[0])(theta), batch_axis_name)
 
-        (total, (loss, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        (total, (loss, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(theta0)
         # Averaging here (not only inside tx) makes every method exact under pmap, including
         # transforms that know no axis name (optax.sgd) or average only their second gradient
         # (optax.contrib.sam perturbs with the local one). A second pmean inside tx is an identity.
         grads = _mean_over(grads, batch_axis_name)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = tx.update(grads, state.opt_state, theta0, grad_fn=grad_fn)
+        params = optax.apply_updates(theta0, updates)
+        if layout:
+            params = layout.unflatten(params)
         # Running statistics may have been promoted to compute_dtype; keep the carry's dtypes fixed.
         model_state = jax.tree.map(lambda new, old: new.astype(old.dtype), model_state, state.model_state)
         metrics = {"loss": loss, "objective": total}
@@ -293,6 +300,15 @@ def make_train_step(
         return state._replace(params=params, opt_state=opt_state, model_state=model_state, step=state.step + 1), metrics
 
     return step
+
+
+def _step_layout(state: TrainState, tx) -> Optional[post.FlatLayout]:
+    """The layout to run a posterior's step on flat buffers (see :class:`fpbma.FlatLayout`), or None.
+
+    Flat when the posterior can be held flat and ``tx`` is built to take flat posteriors (``fpbma.fpbma``
+    and ``fpbma.vi`` are, through :func:`fpbma.transforms.on_flat_posterior`); any other transform sees
+    the tree, since it may treat leaves one by one (per-leaf clipping, masks)."""
+    return post.flat_layout(state.params) if transforms.takes_flat_posterior(tx) else None
 
 
 def _mean_over(tree, axis_name):

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import distrax
 import jax
@@ -57,6 +57,7 @@ __all__ = [
     "num_parameters",
     "kl_along_line",
     "perturbation_kl",
+    "FlatLayout",
 ]
 
 
@@ -233,13 +234,56 @@ def _validate_like(q, v, name: str) -> None:
 # θ (one pass over it); splitting a result back into leaves is a view.
 
 
-class _Layout:
-    """The leaf shapes of a parameter tree, to concatenate trees shaped like it and split flat results."""
+def _opaque_true(x: jax.Array) -> jax.Array:
+    """A boolean that is always True but that the compiler cannot evaluate: u ≠ u + 1 for the unsigned
+    bits u of the first element of ``x`` (any dtype, wrapping addition)."""
+    first = jnp.ravel(x)[0]
+    if jnp.issubdtype(first.dtype, jax.dtypes.prng_key):
+        first = jax.random.key_data(first).reshape(-1)[0]
+    bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[first.dtype.itemsize]
+    u = jax.lax.bitcast_convert_type(first, bits) if first.dtype != jnp.bool_ else first.astype(jnp.uint8)
+    return u != u + jnp.ones_like(u)
+
+
+def _materialised(fn: Callable, x):
+    """``fn(x)`` computed inside a conditional whose predicate is always true but opaque to XLA.
+
+    XLA fuses cheap elementwise producers into each of their consumers. For a tree of L leaves cut out
+    of one flat buffer, or drawn from one flat normal, that puts a copy of the producer into the
+    consumer of every leaf (a layer of the network): L large fusions to compile instead of one. Behind
+    the conditional the leaves are computed once, as plain copies. Forward and reverse mode see fn."""
+    return jax.lax.cond(_opaque_true(x), fn, lambda y: jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, y)), x)
+
+
+class FlatLayout:
+    """The leaf shapes of a parameter tree, to hold trees shaped like it (and posteriors over it) flat.
+
+    A posterior over a network of L weight arrays is a tree of 2L or 3L leaves, and a step written leaf
+    by leaf traces into L copies of every operation: XLA compiles each copy on its own, so compile time
+    grows with the depth of the network. Held flat (μ and log σ as P-vectors, D as one K × P matrix, the
+    leaves concatenated in ``jax.tree`` order), the posterior algebra, the optimizer and the update are a
+    fixed number of operations for any L; only the network sees the leaves, through :meth:`leaves`.
+
+    Args:
+      tree: a tree shaped like the weights (e.g. ``q.mean``); only its structure and shapes are used.
+
+    >>> import fpbma, jax.numpy as jnp
+    >>> q = fpbma.DiagGaussian.from_point({"b": jnp.zeros(2), "w": jnp.ones((2, 3))}, std=0.1)
+    >>> layout = fpbma.FlatLayout(q.mean)
+    >>> flat = layout.flatten(q)                  # a DiagGaussian with (P,) fields
+    >>> flat.mean.shape, layout.size
+    ((8,), 8)
+    >>> layout.leaves(flat.mean)["w"].shape       # the network's view of a flat weight vector
+    (2, 3)
+    >>> bool(jnp.all(layout.unflatten(flat).log_std["w"] == q.log_std["w"]))
+    True
+    """
 
     def __init__(self, tree):
         leaves, self.treedef = jax.tree.flatten(tree)
         self.shapes = [tuple(jnp.shape(x)) for x in leaves]
         self.sizes = [int(np.prod(s)) for s in self.shapes]
+        self.size = int(sum(self.sizes))
 
     def ravel(self, tree, lead: int = 0) -> jax.Array:
         """The leaves of ``tree`` (shaped like the layout's, with ``lead`` extra leading axes) as one
@@ -253,6 +297,33 @@ class _Layout:
         lead = jnp.shape(flat)[:-1]
         parts = [flat] if len(self.sizes) == 1 else jnp.split(flat, np.cumsum(self.sizes)[:-1], axis=-1)
         return jax.tree.unflatten(self.treedef, [x.reshape(lead + s) for x, s in zip(parts, self.shapes)])
+
+    def leaves(self, flat: jax.Array):
+        """:meth:`unravel` for the network: the leaves of a flat weight vector, each computed once.
+
+        Inside a traced step, prefer it to :meth:`unravel` for weights a network consumes: it keeps XLA
+        from fusing the computation of the flat vector (a sample μ + σε + …) into every layer."""
+        return _materialised(self.unravel, flat) if len(self.sizes) > 1 else self.unravel(flat)
+
+    def flatten(self, q):
+        """A posterior over this layout's tree → the same family with flat fields ((P,), D as (K, P))."""
+        return type(q)(*[self.ravel(f, lead=1 if name == "cov_factor" else 0) for name, f in zip(q._fields, q)])
+
+    def unflatten(self, flat_q):
+        """The inverse of :meth:`flatten`."""
+        return type(flat_q)(*[self.unravel(f) for f in flat_q])
+
+
+_Layout = FlatLayout
+
+
+def flat_layout(q) -> Optional[FlatLayout]:
+    """The :class:`FlatLayout` to hold posterior ``q`` flat in a train step, or None when there is nothing
+    to gain or it cannot be held flat: q is not a posterior, has one leaf per field, or its leaves have
+    different dtypes (one flat buffer has one dtype)."""
+    if not isinstance(q, (DiagGaussian, LowRankGaussian)) or jax.tree.structure(q.mean).num_leaves < 2:
+        return None
+    return FlatLayout(q.mean) if _flat_dtype(q) is not None else None
 
 
 def _flat_dtype(*trees):
@@ -404,18 +475,10 @@ def tree_normal_like(key: jax.Array, tree):
     dtypes = [jnp.result_type(x, jnp.float32) for x in leaves]
     sizes = [int(np.size(x)) for x in leaves]
     shape, dtype = (sum(sizes),), jnp.result_type(*dtypes)
-    if len(leaves) > 1:
-        # The draw inside a conditional whose predicate is always true (x ≠ x + 1 for unsigned x) but not known
-        # to the compiler, so the normals are materialised once. Otherwise XLA fuses the bits-to-normal
-        # transform (an erf⁻¹ polynomial) into the consumer of every leaf's slice and compiles one copy of it
-        # per leaf: most of the compile time of a step on a deep network. The values are those of
-        # jax.random.normal(key, (P,)).
-        word = jax.random.key_data(key).reshape(-1)[0] if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) \
-            else jnp.ravel(key)[0]
-        flat = jax.lax.cond(word != word + jnp.ones_like(word), lambda k: jax.random.normal(k, shape, dtype),
-                            lambda k: jnp.zeros(shape, dtype), key)
-    else:
-        flat = jax.random.normal(key, shape, dtype)
+    draw = functools.partial(jax.random.normal, shape=shape, dtype=dtype)
+    # Materialised once (see _materialised): otherwise XLA fuses the bits-to-normal transform (an erf⁻¹
+    # polynomial) into the consumer of every leaf's slice. The values are those of jax.random.normal(key, (P,)).
+    flat = _materialised(draw, key) if len(leaves) > 1 else draw(key)
     offsets = np.cumsum([0] + sizes)
     return jax.tree.unflatten(treedef, [flat[a:b].reshape(jnp.shape(x)).astype(d)
                                         for a, b, x, d in zip(offsets[:-1], offsets[1:], leaves, dtypes)])

@@ -20,6 +20,9 @@ and θ is updated with ∇_θ L(θ + Δ*). The pieces here:
   non-finite, counting skips.
 * :func:`released_perturbation` — the perturbation of the authors' released code (the normalised
   score of q per parameter block), an option of :func:`fpbma` for comparison, never the default.
+* :func:`on_flat_posterior` — runs a transform on the posterior's fields concatenated into a few flat
+  buffers (μ, log σ as P-vectors, D as a K × P matrix), so its traced size does not grow with the
+  number of leaves; :func:`fpbma` and :func:`vi` run on it.
 * :func:`fpbma` — the chain of all of them with optax's weight decay, momentum and learning rate;
   :func:`vi` — the same chain without the perturbation (plain VI, one gradient pass per step).
 
@@ -31,6 +34,7 @@ use the same reparameterisation noise: close ``grad_fn`` over it (see :func:`fpb
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import chex
@@ -54,6 +58,7 @@ __all__ = [
     "scale_by_inverse_fisher",
     "skip_non_finite",
     "SkipNonFiniteState",
+    "on_flat_posterior",
     "fpbma",
     "vi",
     "PERTURBATIONS",
@@ -504,7 +509,8 @@ class SkipNonFiniteState(NamedTuple):
     num_skipped: jax.Array
 
 
-def _all_finite(tree) -> jax.Array:
+def all_finite(tree) -> jax.Array:
+    """Whether every leaf of ``tree`` is finite, as one reduction over the concatenated leaves."""
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         return jnp.asarray(True)
@@ -527,7 +533,7 @@ def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransf
 
     def update_fn(updates, state, params=None, **extra_args):
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-        ok = jnp.logical_and(_all_finite(updates), _all_finite(new_updates))
+        ok = jnp.logical_and(all_finite(updates), all_finite(new_updates))
         # One conditional, not a jnp.where per leaf: per-leaf selects tie every output to both passes'
         # gradients and made XLA:CPU compile FP-BMA steps 2-2.5x slower (ResNet-20: 69 s -> 28 s).
         new_updates, new_inner = jax.lax.cond(
@@ -536,6 +542,83 @@ def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransf
         return new_updates, SkipNonFiniteState(new_inner, state.num_skipped + (1 - ok.astype(jnp.int32)))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _flat_noise(layout, noise):
+    """The step's reparameterisation noise (``sample_noise``) in the flat layout of ``layout``."""
+    if isinstance(noise, post.LowRankNoise):
+        return post.LowRankNoise(diag=layout.ravel(noise.diag), rank=noise.rank)
+    return layout.ravel(noise)
+
+
+def on_flat_posterior(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """Runs ``inner`` on the posterior with every field concatenated into one flat buffer.
+
+    A posterior over L weight arrays is a tree of 2L (DiagGaussian) or 3L (LowRankGaussian) leaves, and a
+    transform written leaf by leaf traces into L copies of each of its operations: XLA compiles every
+    copy on its own, so compile time grows with the depth of the network. Here ``update`` concatenates
+    the fields of the gradient and of θ once, μ and log σ into P-vectors and D into one K × P matrix
+    (a one-leaf posterior of the same family), runs ``inner`` on them, and splits the result back into
+    the leaves once. The values are those of ``inner`` on the tree up to float summation order; the
+    state of ``inner`` (momentum, say) is held flat. ``grad_fn`` (see :func:`perturb_in_kl_ball`) is
+    called on the tree, its gradient flattened; a ``noise`` argument is flattened too.
+
+    Trees whose leaves have different dtypes (a flat buffer has one) and posteriors already flat are
+    passed to ``inner`` as they are.
+
+    Args:
+      inner: a transform of posterior-shaped updates (DiagGaussian / LowRankGaussian).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``init`` and ``update`` take the tree-shaped
+      posterior, ``update`` returns tree-shaped updates.
+
+    >>> import fpbma, jax.numpy as jnp, optax
+    >>> q = fpbma.DiagGaussian({"a": jnp.zeros(2), "b": jnp.zeros(3)}, {"a": jnp.zeros(2), "b": jnp.zeros(3)})
+    >>> tx = fpbma.on_flat_posterior(optax.trace(decay=0.9))
+    >>> state = tx.init(q)
+    >>> state.trace.mean.shape                                       # momentum on one P-vector
+    (5,)
+    >>> g = fpbma.DiagGaussian({"a": jnp.ones(2), "b": 2 * jnp.ones(3)}, {"a": jnp.ones(2), "b": jnp.ones(3)})
+    >>> updates, state = tx.update(g, state, q)
+    >>> [float(x) for x in updates.mean["b"]]                        # split back into the leaves
+    [2.0, 2.0, 2.0]
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        _, flat_params = post._flatten(params)
+        return inner.init(flat_params)
+
+    def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+        if params is None:
+            layout, flat_updates = post._flatten(updates)
+            flat_params = None
+        else:
+            post._validate_like(params, updates, "updates")
+            layout, flat_params, flat_updates = post._flatten(params, updates)
+        if layout is not None:
+            if grad_fn is not None:
+                tree_grad_fn = grad_fn
+                grad_fn = lambda flat_q: post._flatten(tree_grad_fn(post._unflatten(layout, flat_q)))[1]
+            if extra_args.get("noise") is not None:
+                extra_args["noise"] = _flat_noise(layout, extra_args["noise"])
+        if grad_fn is not None:
+            extra_args["grad_fn"] = grad_fn
+        new_updates, state = inner.update(flat_updates, state, flat_params, **extra_args)
+        return post._unflatten(layout, new_updates), state
+
+    _FLAT_INITS.add(init_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+_FLAT_INITS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def takes_flat_posterior(tx) -> bool:
+    """Whether ``tx`` is an :func:`on_flat_posterior` transform, so that a train step may pass it the
+    posterior flat (its state is the same either way)."""
+    return getattr(tx, "init", None) in _FLAT_INITS
 
 
 def _mean_only_mask(q):
@@ -630,7 +713,7 @@ def fpbma(
         perturb = perturb_along_score(rho, batch_axis_name)
     else:
         perturb = perturb_in_kl_ball(rho, damping, batch_axis_name, radius, radius_steps, blocks)
-    return skip_non_finite(optax.chain(perturb, *outer))
+    return on_flat_posterior(skip_non_finite(optax.chain(perturb, *outer)))
 
 
 def vi(
@@ -670,7 +753,7 @@ def vi(
                           covariance_lr_scale)
     if batch_axis_name is not None:
         outer.insert(0, _pmean(batch_axis_name))
-    return skip_non_finite(optax.chain(*outer))
+    return on_flat_posterior(skip_non_finite(optax.chain(*outer)))
 
 
 def _pmean(axis_name: str) -> optax.GradientTransformation:

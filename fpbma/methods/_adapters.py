@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from fpbma import posterior as post
+from fpbma import transforms
 from fpbma.baselines._sgld import is_cycle_end
 from fpbma.types import Problem, SampleSet, Trainer, TrainState
 
@@ -35,10 +36,8 @@ def zero_kl(q) -> jax.Array:
 
 
 def _all_finite(tree) -> jax.Array:
-    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-    if not leaves:
-        return jnp.asarray(True)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    return transforms.all_finite([x for x in jax.tree_util.tree_leaves(tree)
+                                  if jnp.issubdtype(jnp.result_type(x), jnp.inexact)])
 
 
 class StepUpdate(NamedTuple):
@@ -103,20 +102,26 @@ def variational(problem: Problem, q0, kl_fn: Callable, tx: optax.GradientTransfo
     n = int(problem.num_data)
     tx = optax.with_extra_args_support(tx)
 
+    # On flat buffers when tx takes them (fpbma.fpbma, fpbma.vi; see fpbma.FlatLayout): the step's
+    # posterior algebra, optimizer and update then trace to a size independent of the number of leaves.
+    layout = post.flat_layout(q0) if transforms.takes_flat_posterior(tx) else None
+    as_tree = layout.unflatten if layout else (lambda q_: q_)
+    as_weights = layout.leaves if layout else (lambda w: w)
+
     def update(state, batch, key):
         k_noise, k_loss = jax.random.split(key)
-        q = state.params
+        q = layout.flatten(state.params) if layout else state.params
         noise = post.sample_noise(q, k_noise)
 
         def loss(q_):
-            expected = problem.loss(post.sample_from_noise(q_, noise), batch, k_loss)
-            kl = kl_fn(q_)
+            expected = problem.loss(as_weights(post.sample_from_noise(q_, noise)), batch, k_loss)
+            kl = kl_fn(as_tree(q_))
             return expected + kl_weight * kl / n, (expected, kl)
 
         (_, (expected, kl)), grads = jax.value_and_grad(loss, has_aux=True)(q)
         grad_fn = jax.grad(lambda q_: loss(q_)[0])
         updates, opt_state = tx.update(grads, state.opt_state, q, grad_fn=grad_fn, noise=noise)
-        return StepUpdate(optax.apply_updates(q, updates), opt_state, state.samples, state.num_collected,
+        return StepUpdate(as_tree(optax.apply_updates(q, updates)), opt_state, state.samples, state.num_collected,
                           metrics={"loss": expected, "kl": kl})
 
     return trainer(q0, tx, update, lambda s: s.params, metrics=("loss", "kl"))

@@ -10,6 +10,9 @@ Subsets:
   are frozen and drawn from a LowRank (K = 5) prior at every pass (the transfer setting). SGD trains the
   same subset as a point estimate with the frozen weights at the prior mean.
 * ``full``: θ is a LowRankGaussian (K = 5) over every weight; SGD trains every weight.
+* ``transfer``: the trainers the experiments run (:func:`fpbma.transfer.make_trainer` on the nl_ll scheme
+  of a K = 5 prior, BatchNorm in eval mode): ``sgd`` against ``fpbma`` with its defaults. Both draw the
+  frozen weights from the prior at every pass, as ``experiments.transfer`` trains every method.
 * ``own``: the README's own-loop pattern, ``fpbma.fpbma`` + ``fpbma.negative_elbo`` in a hand-written
   step (K = 5 over every weight, KL to a LowRank prior), against a hand-written SGD step.
 
@@ -20,6 +23,7 @@ are noisy.
     PYTHONPATH=. python -m benchmarks.compile_time                              # resnet20: nl_ll, full, own
     PYTHONPATH=. python -m benchmarks.compile_time --models resnet20 resnet18_small --subsets nl_ll full
     PYTHONPATH=. python -m benchmarks.compile_time --steps 5
+    PYTHONPATH=. python -m benchmarks.compile_time --models efficientnet_lite0 --subsets transfer --image-size 64
 """
 
 from __future__ import annotations
@@ -67,6 +71,24 @@ def own_loop_setups(model, variables, key, batch):
             "fpbma": (fpbma_step, (prior, tx.init(prior), key))}
 
 
+def transfer_setups(model, variables, key, batch):
+    """{method: (step, args)} for the method interface's trainers on the nl_ll transfer scheme."""
+    from fpbma import transfer
+
+    params, stats = variables["params"], variables["batch_stats"]
+    prior = low_rank_prior({k: v for k, v in params.items() if k != "head"}, key)
+    scheme = transfer.make_scheme(prior, params, "nl_ll")
+
+    def apply_fn(p, images):
+        return model.apply({"params": p, "batch_stats": stats}, images, train=False)
+
+    out = {}
+    for name in ("sgd", "fpbma"):
+        trainer = transfer.make_trainer(name, scheme, apply_fn, num_data=50_000, num_steps=100, learning_rate=0.01)
+        out[name] = (trainer.step, (trainer.init(), batch, key))
+    return out
+
+
 def library_setups(model, variables, key, batch, subset):
     """{method: (step, args)} for the library step ``step(state, batch, key)`` (SGD and default FP-BMA)."""
     setups = make_setups(model, variables, key, subset)
@@ -91,23 +113,29 @@ def measure(step, args, steps):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet20"])
-    parser.add_argument("--subsets", nargs="+", default=["nl_ll", "full", "own"], choices=["nl_ll", "full", "own"])
+    parser.add_argument("--subsets", nargs="+", default=["nl_ll", "full", "own"], choices=["nl_ll", "full", "own", "transfer"])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (median)")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=32)
     args = parser.parse_args()
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f} at start; batch {args.batch}, 32 px, K = 5, "
+          f"load average {os.getloadavg()[0]:.1f} at start; batch {args.batch}, {args.image_size} px, K = 5, "
           f"steady step = median of {args.steps}")
     print("| model | subset | leaves of μ | SGD compile s | FP-BMA compile s | compile ratio | "
           "SGD step s | FP-BMA step s | step ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     key = jax.random.PRNGKey(0)
     for name in args.models:
-        model, variables = M.create(name, 10, key=key, image_size=32)
-        batch = {"image": jax.random.normal(key, (args.batch, 32, 32, 3)), "label": jnp.arange(args.batch) % 10}
+        size = args.image_size
+        model, variables = M.create(name, 10, key=key, image_size=size)
+        batch = {"image": jax.random.normal(key, (args.batch, size, size, 3)), "label": jnp.arange(args.batch) % 10}
         for subset in args.subsets:
-            rows = (own_loop_setups(model, variables, key, batch) if subset == "own"
-                    else library_setups(model, variables, key, batch, subset))
+            if subset == "own":
+                rows = own_loop_setups(model, variables, key, batch)
+            elif subset == "transfer":
+                rows = transfer_setups(model, variables, key, batch)
+            else:
+                rows = library_setups(model, variables, key, batch, subset)
             q = rows["fpbma"][1][0]
             leaves = len(jax.tree_util.tree_leaves((q if subset == "own" else q.params).mean))
             res = {method: measure(step, step_args, args.steps) for method, (step, step_args) in rows.items()}

@@ -58,6 +58,7 @@ __all__ = [
     "kl_along_line",
     "perturbation_kl",
     "FlatLayout",
+    "flat_layout",
 ]
 
 

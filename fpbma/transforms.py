@@ -59,6 +59,7 @@ __all__ = [
     "skip_non_finite",
     "SkipNonFiniteState",
     "on_flat_posterior",
+    "takes_flat_posterior",
     "fpbma",
     "vi",
     "PERTURBATIONS",

@@ -15,6 +15,8 @@ Subsets:
   frozen weights from the prior at every pass, as ``experiments.transfer`` trains every method.
 * ``own``: the README's own-loop pattern, ``fpbma.fpbma`` + ``fpbma.negative_elbo`` in a hand-written
   step (K = 5 over every weight, KL to a LowRank prior), against a hand-written SGD step.
+* ``own_flat``: the same with θ and the prior held flat (:class:`fpbma.FlatLayout`, the README's form
+  for deep networks).
 
 ``nl_ll`` and ``full`` use the library's step (:func:`fpbma.parallel.make_train_step`). Only ratios
 measured in the same run are comparable: on a machine shared with other processes the absolute seconds
@@ -42,33 +44,42 @@ import fpbma.models as M
 from benchmarks.transfer_step_cost import cross_entropy, low_rank_prior, make_setups
 
 
-def own_loop_setups(model, variables, key, batch):
-    """{method: (step, args)} for the README's own-loop pattern: ``step(q, state, key)``."""
+def own_loop_setups(model, variables, key, batch, flat=False):
+    """{method: (step, args)} for the README's own-loop pattern: ``step(q, state, key)``; with ``flat``
+    the README's deep-network form (θ and the prior held flat by a :class:`fpbma.FlatLayout`)."""
     params, stats = variables["params"], variables["batch_stats"]
     prior = low_rank_prior(params, key)
 
-    def loss(w):
+    def tree_loss(w):
         logits, _ = model.apply({"params": w, "batch_stats": stats}, batch["image"], train=True,
                                 mutable=["batch_stats"])
         return cross_entropy(logits, batch["label"])
+
+    loss = tree_loss
+    if flat:
+        layout = fpbma.FlatLayout(prior.mean)
+        prior = layout.flatten(prior)
+        loss = lambda w: tree_loss(layout.leaves(w))  # noqa: E731
 
     sgd = optax.sgd(0.01, momentum=0.9)
 
     def sgd_step(p, state, key):
         del key
-        updates, state = sgd.update(jax.grad(loss)(p), state, p)
+        updates, state = sgd.update(jax.grad(tree_loss)(p), state, p)
         return optax.apply_updates(p, updates), state
 
     tx = fpbma.fpbma(0.01, rho=0.05)
 
-    def fpbma_step(q, state, key):
+    def fpbma_step(q, state, key, p):
         noise = fpbma.sample_noise(q, key)
-        grad_fn = jax.grad(lambda t: fpbma.negative_elbo(t, noise, loss, prior, num_data=50_000))
+        grad_fn = jax.grad(lambda t: fpbma.negative_elbo(t, noise, loss, p, num_data=50_000))
         updates, state = tx.update(grad_fn(q), state, q, grad_fn=grad_fn)
         return optax.apply_updates(q, updates), state
 
+    # The prior is an argument of the step, not a constant closed over: XLA would fold arithmetic on
+    # constants of the network's size at compile time.
     return {"sgd": (sgd_step, (params, sgd.init(params), key)),
-            "fpbma": (fpbma_step, (prior, tx.init(prior), key))}
+            "fpbma": (fpbma_step, (prior, tx.init(prior), key, prior))}
 
 
 def transfer_setups(model, variables, key, batch):
@@ -113,7 +124,7 @@ def measure(step, args, steps):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet20"])
-    parser.add_argument("--subsets", nargs="+", default=["nl_ll", "full", "own"], choices=["nl_ll", "full", "own", "transfer"])
+    parser.add_argument("--subsets", nargs="+", default=["nl_ll", "full", "own"], choices=["nl_ll", "full", "own", "own_flat", "transfer"])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (median)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=32)
@@ -130,14 +141,15 @@ def main():
         model, variables = M.create(name, 10, key=key, image_size=size)
         batch = {"image": jax.random.normal(key, (args.batch, size, size, 3)), "label": jnp.arange(args.batch) % 10}
         for subset in args.subsets:
-            if subset == "own":
-                rows = own_loop_setups(model, variables, key, batch)
+            if subset in ("own", "own_flat"):
+                rows = own_loop_setups(model, variables, key, batch, flat=subset == "own_flat")
             elif subset == "transfer":
                 rows = transfer_setups(model, variables, key, batch)
             else:
                 rows = library_setups(model, variables, key, batch, subset)
             q = rows["fpbma"][1][0]
-            leaves = len(jax.tree_util.tree_leaves((q if subset == "own" else q.params).mean))
+            leaves = len(jax.tree_util.tree_leaves(variables["params"] if subset == "own_flat"
+                                                   else (q if subset == "own" else q.params).mean))
             res = {method: measure(step, step_args, args.steps) for method, (step, step_args) in rows.items()}
             (cs, ss), (cf, sf) = res["sgd"], res["fpbma"]
             print(f"| {name} | {subset} | {leaves} | {cs:.1f} | {cf:.1f} | {cf / cs:.1f} | "

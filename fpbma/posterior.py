@@ -252,7 +252,10 @@ def _materialised(fn: Callable, x):
     XLA fuses cheap elementwise producers into each of their consumers. For a tree of L leaves cut out
     of one flat buffer, or drawn from one flat normal, that puts a copy of the producer into the
     consumer of every leaf (a layer of the network): L large fusions to compile instead of one. Behind
-    the conditional the leaves are computed once, as plain copies. Forward and reverse mode see fn."""
+    the conditional the leaves are computed once, as plain copies. Forward and reverse mode see fn.
+    Outside a trace nothing fuses, and a conditional would compile its branches at every call."""
+    if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(x)):
+        return fn(x)
     return jax.lax.cond(_opaque_true(x), fn, lambda y: jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, y)), x)
 
 
@@ -288,13 +291,13 @@ class FlatLayout:
 
     def ravel(self, tree, lead: int = 0) -> jax.Array:
         """The leaves of ``tree`` (shaped like the layout's, with ``lead`` extra leading axes) as one
-        array of shape (*lead axes, P)."""
+        array of shape ``(*lead, P)``."""
         leaves = self.treedef.flatten_up_to(tree)
         parts = [jnp.reshape(x, jnp.shape(x)[:lead] + (-1,)) for x in leaves]
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=lead)
 
     def unravel(self, flat: jax.Array):
-        """The inverse of :meth:`ravel`: (*lead, P) → a tree of (*lead, *leaf shape) leaves."""
+        """The inverse of :meth:`ravel`: ``(*lead, P)`` → a tree of ``(*lead, *leaf_shape)`` leaves."""
         lead = jnp.shape(flat)[:-1]
         parts = [flat] if len(self.sizes) == 1 else jnp.split(flat, np.cumsum(self.sizes)[:-1], axis=-1)
         return jax.tree.unflatten(self.treedef, [x.reshape(lead + s) for x, s in zip(parts, self.shapes)])

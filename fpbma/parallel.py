@@ -259,7 +259,7 @@ def make_train_step(
         noise_key, loss_key = jax.random.split(step_key)
         compute_batch = _cast_floating(batch, compute_dtype)
         posterior = _is_posterior(state.params)
-        layout = _step_layout(state, tx)
+        layout = transforms.flat_step_layout(state.params, tx)
         theta0 = layout.flatten(state.params) if layout else state.params
         flat_prior = layout.flatten(prior) if layout and prior is not None else prior
         noise = post.sample_noise(theta0, noise_key) if posterior else None
@@ -300,15 +300,6 @@ def make_train_step(
         return state._replace(params=params, opt_state=opt_state, model_state=model_state, step=state.step + 1), metrics
 
     return step
-
-
-def _step_layout(state: TrainState, tx) -> Optional[post.FlatLayout]:
-    """The layout to run a posterior's step on flat buffers (see :class:`fpbma.FlatLayout`), or None.
-
-    Flat when the posterior can be held flat and ``tx`` is built to take flat posteriors (``fpbma.fpbma``
-    and ``fpbma.vi`` are, through :func:`fpbma.transforms.on_flat_posterior`); any other transform sees
-    the tree, since it may treat leaves one by one (per-leaf clipping, masks)."""
-    return post.flat_layout(state.params) if transforms.takes_flat_posterior(tx) else None
 
 
 def _mean_over(tree, axis_name):

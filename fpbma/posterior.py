@@ -318,9 +318,6 @@ class FlatLayout:
         return type(flat_q)(*[self.unravel(f) for f in flat_q])
 
 
-_Layout = FlatLayout
-
-
 def flat_layout(q) -> Optional[FlatLayout]:
     """The :class:`FlatLayout` to hold posterior ``q`` flat in a train step, or None when there is nothing
     to gain or it cannot be held flat: q is not a posterior, has one leaf per field, or its leaves have
@@ -347,23 +344,19 @@ def _flatten(q, *others):
     (P,) vector; ``layout`` is None (and the arguments unchanged) when leaf dtypes differ or q is flat."""
     if _is_flat(q) or _flat_dtype(q, *others) is None:
         return None, q, *others
-    layout = _Layout(q.mean)
+    layout = FlatLayout(q.mean)
 
     def flat(x):
-        if isinstance(x, (DiagGaussian, LowRankGaussian)):
-            return type(x)(*[layout.ravel(f, lead=1 if name == "cov_factor" else 0) for name, f in zip(x._fields, x)])
-        return layout.ravel(x)
+        return layout.flatten(x) if isinstance(x, (DiagGaussian, LowRankGaussian)) else layout.ravel(x)
 
     return layout, flat(q), *[flat(x) for x in others]
 
 
-def _unflatten(layout: Optional[_Layout], x):
+def _unflatten(layout: Optional[FlatLayout], x):
     """Splits a flat posterior-shaped or mean-shaped result back into the layout's leaves."""
     if layout is None:
         return x
-    if isinstance(x, (DiagGaussian, LowRankGaussian)):
-        return type(x)(*[layout.unravel(f) for f in x])
-    return layout.unravel(x)
+    return layout.unflatten(x) if isinstance(x, (DiagGaussian, LowRankGaussian)) else layout.unravel(x)
 
 # ----------------------------------------------------------------------------------------------
 # Leaf-wise helpers for the low-rank algebra (K × P "matrices" are trees with a leading K axis).

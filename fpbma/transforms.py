@@ -622,6 +622,15 @@ def takes_flat_posterior(tx) -> bool:
     return getattr(tx, "init", None) in _FLAT_INITS
 
 
+def flat_step_layout(q, tx) -> Optional[post.FlatLayout]:
+    """The layout on which a train step of ``tx`` holds posterior ``q`` flat, or None (the tree).
+
+    Flat when q can be held flat (:func:`fpbma.posterior.flat_layout`) and ``tx`` takes flat posteriors
+    (:func:`takes_flat_posterior`: ``fpbma`` and ``vi`` do); any other transform sees the tree, since it
+    may treat leaves one by one (per-leaf clipping, masks)."""
+    return post.flat_layout(q) if takes_flat_posterior(tx) else None
+
+
 def _mean_only_mask(q):
     """True on the ``mean`` field of a posterior, False elsewhere (weight decay acts on means only)."""
     return type(q)(*[jax.tree.map(lambda _: name == "mean", field) for name, field in zip(q._fields, q)])

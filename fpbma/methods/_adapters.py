@@ -104,7 +104,7 @@ def variational(problem: Problem, q0, kl_fn: Callable, tx: optax.GradientTransfo
 
     # On flat buffers when tx takes them (fpbma.fpbma, fpbma.vi; see fpbma.FlatLayout): the step's
     # posterior algebra, optimizer and update then trace to a size independent of the number of leaves.
-    layout = post.flat_layout(q0) if transforms.takes_flat_posterior(tx) else None
+    layout = transforms.flat_step_layout(q0, tx)
     as_tree = layout.unflatten if layout else (lambda q_: q_)
     as_weights = layout.leaves if layout else (lambda w: w)
 
